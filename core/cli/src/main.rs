@@ -1,1 +1,130 @@
-fn main() {}
+//! `outpost`: the gateway binary.
+//!
+//! * `outpost run --manifest FILE` serves until SIGTERM/SIGINT, then drains and exits 0.
+//! * `outpost check --manifest FILE` loads the manifest, every TLS file and the API
+//!   configuration, prints every problem at once and exits non-zero if there is any.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use outpost_config::{LogFormat, Manifest};
+use tracing_subscriber::EnvFilter;
+
+/// Outpost: a self-hosted API gateway.
+#[derive(Parser)]
+#[command(name = "outpost", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Run {
+        /// The site manifest (TOML).
+        #[arg(long, short, env = "OUTPOST_MANIFEST")]
+        manifest: PathBuf,
+    },
+    /// Validate a manifest and everything it refers to, reporting every problem.
+    Check {
+        /// The site manifest (TOML).
+        #[arg(long, short, env = "OUTPOST_MANIFEST")]
+        manifest: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { manifest } => check(&manifest),
+        Command::Run { manifest } => run(&manifest),
+    }
+}
+
+fn check(path: &std::path::Path) -> ExitCode {
+    let manifest = match Manifest::load(path) {
+        Ok(m) => m,
+        Err(report) => {
+            eprintln!("{report}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let problems = outpost_gateway::check(&manifest);
+    if problems.is_empty() {
+        println!("{}: OK", path.display());
+        ExitCode::SUCCESS
+    } else {
+        for p in &problems {
+            eprintln!("{p}");
+        }
+        ExitCode::FAILURE
+    }
+}
+
+fn run(path: &std::path::Path) -> ExitCode {
+    let manifest = match Manifest::load(path) {
+        Ok(m) => m,
+        Err(report) => {
+            eprintln!("{report}");
+            return ExitCode::FAILURE;
+        }
+    };
+    init_tracing(&manifest);
+    let workers = manifest
+        .runtime
+        .worker_threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
+    let mut builder = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(workers);
+        b
+    };
+    let runtime = match builder.enable_all().thread_name("outpost-worker").build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        tracing::info!(
+            version = env!("CARGO_PKG_VERSION"),
+            gateway = %manifest.gateway.id,
+            workers,
+            manifest = %path.display(),
+            "Starting Outpost."
+        );
+        let gateway = match outpost_gateway::Gateway::start(&manifest).await {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::error!(error = %e, "Cannot start.");
+                return ExitCode::FAILURE;
+            }
+        };
+        outpost_gateway::shutdown_signal().await;
+        gateway.shutdown().await;
+        tracing::info!("Stopped.");
+        ExitCode::SUCCESS
+    })
+}
+
+fn init_tracing(manifest: &Manifest) {
+    // RUST_LOG, when set, overrides the manifest's level.
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&manifest.log.level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stdout);
+    match manifest.log.format {
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init(),
+        LogFormat::Text => builder.with_ansi(false).init(),
+    }
+}

@@ -305,12 +305,19 @@ impl ApiConfig {
             let hosts: Vec<String> = if api.hostnames.is_empty() {
                 vec![String::new()]
             } else {
-                api.hostnames.iter().map(|h| h.to_ascii_lowercase()).collect()
+                api.hostnames
+                    .iter()
+                    .map(|h| h.to_ascii_lowercase())
+                    .collect()
             };
             for host in hosts {
                 let key = (host.clone(), prefix.to_string());
                 if let Some(other) = routes.insert(key, &api.id) {
-                    let on = if host.is_empty() { "any host".to_string() } else { format!("host '{host}'") };
+                    let on = if host.is_empty() {
+                        "any host".to_string()
+                    } else {
+                        format!("host '{host}'")
+                    };
                     r.push(
                         format!("{at}.path"),
                         format!("API '{other}' already serves path '{}' on {on}", api.path),
@@ -323,7 +330,10 @@ impl ApiConfig {
                     format!("unknown backend '{}'", api.backend),
                 );
             }
-            for (what, name) in [("header", &api.subscription_key.header), ("query", &api.subscription_key.query)] {
+            for (what, name) in [
+                ("header", &api.subscription_key.header),
+                ("query", &api.subscription_key.query),
+            ] {
                 let valid = !name.is_empty()
                     && (what == "query" || http::HeaderName::from_bytes(name.as_bytes()).is_ok());
                 if !valid {
@@ -343,7 +353,10 @@ impl ApiConfig {
             for (j, op) in api.operations.iter().enumerate() {
                 let at = format!("{at}.operations[{j}]");
                 if !op_ids.insert(op.id.as_str()) {
-                    r.push(format!("{at}.id"), format!("duplicate operation id '{}'", op.id));
+                    r.push(
+                        format!("{at}.id"),
+                        format!("duplicate operation id '{}'", op.id),
+                    );
                 }
                 if !METHODS.contains(&op.method.as_str()) {
                     r.push(
@@ -362,10 +375,18 @@ impl ApiConfig {
         for (i, p) in self.products.iter().enumerate() {
             for (j, a) in p.apis.iter().enumerate() {
                 if !apis.contains(a.as_str()) {
-                    r.push(format!("products[{i}].apis[{j}]"), format!("unknown API '{a}'"));
+                    r.push(
+                        format!("products[{i}].apis[{j}]"),
+                        format!("unknown API '{a}'"),
+                    );
                 }
             }
-            check_policies(p.policies.as_ref(), &format!("products[{i}].policies"), true, r);
+            check_policies(
+                p.policies.as_ref(),
+                &format!("products[{i}].policies"),
+                true,
+                r,
+            );
         }
 
         let mut keys: HashMap<&str, &str> = HashMap::new();
@@ -380,7 +401,10 @@ impl ApiConfig {
                 }
                 _ => {}
             }
-            let named = [("primary_key", Some(&s.primary_key)), ("secondary_key", s.secondary_key.as_ref())];
+            let named = [
+                ("primary_key", Some(&s.primary_key)),
+                ("secondary_key", s.secondary_key.as_ref()),
+            ];
             for (field, key) in named {
                 let Some(key) = key else { continue };
                 if key.len() < 8 || !key.bytes().all(|b| b.is_ascii_graphic()) {
@@ -496,7 +520,10 @@ fn check_policies(doc: Option<&PolicyDocument>, at: &str, base_allowed: bool, r:
                         "'base' has no parent at global scope",
                     );
                 } else if bases > 1 {
-                    r.push(format!("{at}.{name}[{i}]"), "'base' may appear once per section");
+                    r.push(
+                        format!("{at}.{name}[{i}]"),
+                        "'base' may appear once per section",
+                    );
                 }
             }
         }
@@ -522,7 +549,10 @@ mod tests {
     #[test]
     fn a_good_config_parses() {
         let cfg = ApiConfig::parse(GOOD, "api.json").expect("valid");
-        assert_eq!(cfg.apis[0].subscription_key.header, "Ocp-Apim-Subscription-Key");
+        assert_eq!(
+            cfg.apis[0].subscription_key.header,
+            "Ocp-Apim-Subscription-Key"
+        );
         assert!(cfg.apis[0].subscription_required);
         assert_eq!(cfg.subscriptions[0].state, SubscriptionState::Active);
     }

@@ -134,7 +134,10 @@ mod tests {
     #[test]
     fn join_path_handles_indexes_and_empties() {
         assert_eq!(join_path("listeners", "[1].tls"), "listeners[1].tls");
-        assert_eq!(join_path("limits", "max_body_bytes"), "limits.max_body_bytes");
+        assert_eq!(
+            join_path("limits", "max_body_bytes"),
+            "limits.max_body_bytes"
+        );
         assert_eq!(join_path("", "x"), "x");
         assert_eq!(join_path("log", ""), "log");
     }

@@ -309,7 +309,9 @@ impl Manifest {
                 }
                 for (i, item) in items.iter().enumerate() {
                     let prefix = format!("listeners[{i}]");
-                    if let Some(l) = deserialize_into::<Listener, _>(item.clone(), &prefix, &mut report) {
+                    if let Some(l) =
+                        deserialize_into::<Listener, _>(item.clone(), &prefix, &mut report)
+                    {
                         listeners.push((prefix, l));
                     }
                 }
@@ -430,11 +432,23 @@ fn validate_limits(limits: &Limits, upstream: &Upstream, runtime: &Runtime, repo
         );
     }
     let positive = [
-        ("limits.header_read_timeout_ms", limits.header_read_timeout_ms),
-        ("limits.tls_handshake_timeout_ms", limits.tls_handshake_timeout_ms),
-        ("limits.http2_max_concurrent_streams", u64::from(limits.http2_max_concurrent_streams)),
+        (
+            "limits.header_read_timeout_ms",
+            limits.header_read_timeout_ms,
+        ),
+        (
+            "limits.tls_handshake_timeout_ms",
+            limits.tls_handshake_timeout_ms,
+        ),
+        (
+            "limits.http2_max_concurrent_streams",
+            u64::from(limits.http2_max_concurrent_streams),
+        ),
         ("upstream.connect_timeout_ms", upstream.connect_timeout_ms),
-        ("upstream.response_header_timeout_ms", upstream.response_header_timeout_ms),
+        (
+            "upstream.response_header_timeout_ms",
+            upstream.response_header_timeout_ms,
+        ),
         ("upstream.idle_timeout_ms", upstream.idle_timeout_ms),
     ];
     for (key, v) in positive {

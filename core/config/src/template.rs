@@ -49,7 +49,11 @@ impl UrlTemplate {
                 }
                 rest = true;
             } else if let Some(name) = part.strip_prefix('{').and_then(|p| p.strip_suffix('}')) {
-                if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+                if name.is_empty()
+                    || !name
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+                {
                     return Err(format!("'{raw}': parameter '{{{name}}}' needs a name of letters, digits, '_' or '-'"));
                 }
                 if names.contains(&name) {
@@ -176,9 +180,17 @@ mod tests {
 
     #[test]
     fn specific_templates_sort_first() {
-        let mut list = [t("/*"), t("/users/{id}"), t("/users/me"), t("/users/{id}/orders")];
+        let mut list = [
+            t("/*"),
+            t("/users/{id}"),
+            t("/users/me"),
+            t("/users/{id}/orders"),
+        ];
         list.sort_by_key(|a| a.specificity());
         let order: Vec<&str> = list.iter().map(UrlTemplate::as_str).collect();
-        assert_eq!(order, ["/users/{id}/orders", "/users/me", "/users/{id}", "/*"]);
+        assert_eq!(
+            order,
+            ["/users/{id}/orders", "/users/me", "/users/{id}", "/*"]
+        );
     }
 }

@@ -1,1 +1,208 @@
-//! placeholder
+//! The Outpost data plane: listeners (HTTP/1.1, HTTP/2, TLS with SNI and client
+//! certificates), routing by host and path prefix, subscription keys, streamed proxying to
+//! pooled backends, health endpoints, configuration hot reload and graceful shutdown.
+//!
+//! [`Gateway::start`] binds everything a manifest names and returns once the gateway serves;
+//! [`Gateway::shutdown`] drains it.
+
+pub mod body;
+pub mod error;
+pub mod headers;
+pub mod health;
+pub mod listener;
+pub mod proxy;
+pub mod reload;
+pub mod router;
+pub mod snapshot;
+pub mod tls;
+pub mod upstream;
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::server::graceful::GracefulShutdown;
+use outpost_config::{ConfigSource, Manifest, Report};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::listener::Bound;
+use crate::proxy::Shared;
+use crate::upstream::ClientCache;
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A listener's TLS material is unusable.
+    #[error("{0}")]
+    Tls(#[from] tls::TlsError),
+    /// The API configuration is invalid.
+    #[error("{0}")]
+    Config(Report),
+    /// A listener could not bind.
+    #[error("listener '{listener}' cannot bind {address}: {source}")]
+    Bind {
+        /// Listener name.
+        listener: String,
+        /// Address from the manifest.
+        address: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Checks everything `start` would load, without binding: every listener's TLS material and
+/// the API configuration. Returns every problem found.
+pub fn check(manifest: &Manifest) -> Vec<String> {
+    let mut problems = Vec::new();
+    for l in &manifest.listeners {
+        if let Some(t) = &l.tls {
+            if let Err(e) = tls::server_config(&l.name, t, l.http2) {
+                problems.push(e.to_string());
+            }
+        }
+    }
+    let clients = ClientCache::new(manifest.upstream.clone());
+    match &manifest.config {
+        ConfigSource::File(f) => {
+            if let Err(r) = reload::load_file(&f.path, &clients) {
+                problems.push(r.to_string());
+            }
+        }
+    }
+    problems
+}
+
+/// A running gateway.
+pub struct Gateway {
+    shared: Arc<Shared>,
+    stop: watch::Sender<bool>,
+    graceful: Arc<GracefulShutdown>,
+    tasks: Vec<JoinHandle<()>>,
+    addresses: Vec<(Arc<str>, SocketAddr)>,
+    shutdown: outpost_config::Shutdown,
+}
+
+impl Gateway {
+    /// Loads TLS and the API configuration, binds every listener and starts serving.
+    pub async fn start(manifest: &Manifest) -> Result<Gateway, StartError> {
+        let mut tls_configs = Vec::new();
+        for l in &manifest.listeners {
+            tls_configs.push(match &l.tls {
+                Some(t) => Some(tls::server_config(&l.name, t, l.http2)?),
+                None => None,
+            });
+        }
+        let clients = Arc::new(ClientCache::new(manifest.upstream.clone()));
+        let shared = Arc::new(Shared::new(
+            manifest.limits.clone(),
+            manifest.upstream.clone(),
+            manifest.log.access_log,
+        ));
+        let ConfigSource::File(source) = &manifest.config;
+        let snapshot = reload::load_file(&source.path, &clients).map_err(StartError::Config)?;
+        tracing::info!(
+            version = %snapshot.version,
+            digest = %snapshot.digest,
+            apis = snapshot.apis.len(),
+            source = %source.path.display(),
+            "Configuration loaded."
+        );
+        shared.snapshot.store(Some(Arc::new(snapshot)));
+
+        let mut bound = Vec::new();
+        for (l, tls) in manifest.listeners.iter().zip(tls_configs) {
+            let b = Bound::bind(l, tls, &manifest.limits).map_err(|source| StartError::Bind {
+                listener: l.name.clone(),
+                address: l.address,
+                source,
+            })?;
+            bound.push(b);
+        }
+
+        let (stop, stop_rx) = watch::channel(false);
+        let graceful = Arc::new(GracefulShutdown::new());
+        let mut tasks = Vec::new();
+        let mut addresses = Vec::new();
+        for b in bound {
+            tracing::info!(
+                listener = &*b.name,
+                address = %b.local,
+                tls = manifest.listeners.iter().any(|l| *l.name == *b.name && l.tls.is_some()),
+                "Listening."
+            );
+            addresses.push((b.name.clone(), b.local));
+            tasks.push(tokio::spawn(b.serve(
+                shared.clone(),
+                stop_rx.clone(),
+                graceful.clone(),
+            )));
+        }
+        tasks.push(tokio::spawn(reload::watch_file(
+            shared.clone(),
+            clients,
+            source.clone(),
+            stop_rx,
+        )));
+        Ok(Gateway {
+            shared,
+            stop,
+            graceful,
+            tasks,
+            addresses,
+            shutdown: manifest.shutdown.clone(),
+        })
+    }
+
+    /// The bound address of each listener.
+    pub fn addresses(&self) -> &[(Arc<str>, SocketAddr)] {
+        &self.addresses
+    }
+
+    /// Drains: readiness fails at once, new connections are still taken for `delay_ms` (so
+    /// load balancers notice), then accepting stops and in-flight requests get up to
+    /// `drain_timeout_ms` to finish. Returns whether every connection finished in time.
+    pub async fn shutdown(self) -> bool {
+        self.shared.draining.store(true, Ordering::Relaxed);
+        tracing::info!(
+            delay_ms = self.shutdown.delay_ms,
+            drain_timeout_ms = self.shutdown.drain_timeout_ms,
+            "Draining."
+        );
+        if self.shutdown.delay_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(self.shutdown.delay_ms)).await;
+        }
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        let graceful = match Arc::try_unwrap(self.graceful) {
+            Ok(g) => g,
+            Err(_) => unreachable!("accept loops have ended and dropped their handles"),
+        };
+        let drained = tokio::time::timeout(
+            Duration::from_millis(self.shutdown.drain_timeout_ms),
+            graceful.shutdown(),
+        )
+        .await
+        .is_ok();
+        if drained {
+            tracing::info!("All connections finished.");
+        } else {
+            tracing::warn!("Drain timeout reached; closing the remaining connections.");
+        }
+        drained
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received."),
+        _ = int.recv() => tracing::info!("SIGINT received."),
+    }
+}

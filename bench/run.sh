@@ -1,0 +1,293 @@
+#!/usr/bin/env bash
+# Outpost vs nginx reverse-proxy benchmark. Method and knobs: bench/README.md.
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+DURATION=${BENCH_DURATION:-10s}
+WARMUP=${BENCH_WARMUP:-2s}
+CONNECTIONS=${BENCH_CONNECTIONS:-64}
+ONLY_NGINX=${BENCH_ONLY_NGINX:-0}
+OUTPOST_BIN_SET=${OUTPOST_BIN:-}
+OUTPOST_BIN=${OUTPOST_BIN:-$REPO/target/release/outpost}
+RESULTS=$REPO/bench/results/latest.md
+SIZES=(small 16k)
+PROXY_CPU=1 # proxy under test
+LOAD_CPU=0  # wrk and the backend
+
+die() { echo "bench: $*" >&2; exit 1; }
+
+# --- tools ------------------------------------------------------------------
+install_tools() {
+  local sudo=""
+  [[ $(id -u) == 0 ]] || sudo=sudo
+  $sudo apt-get update -qq
+  local pkgs=()
+  if ! command -v nginx >/dev/null; then
+    # nginx-light is enough (proxy + static files) and is what the numbers were taken with.
+    if apt-cache show nginx-light >/dev/null 2>&1; then pkgs+=(nginx-light); else pkgs+=(nginx); fi
+  fi
+  command -v wrk >/dev/null || pkgs+=(wrk)
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${pkgs[@]}"
+}
+if ! command -v nginx >/dev/null || ! command -v wrk >/dev/null; then install_tools; fi
+for t in taskset curl python3 awk; do command -v "$t" >/dev/null || die "$t is required"; done
+[[ $(nproc) -ge 2 ]] || die "needs at least 2 CPUs (proxy on CPU $PROXY_CPU, load on CPU $LOAD_CPU)"
+
+if [[ $ONLY_NGINX != 1 && ! -x $OUTPOST_BIN ]]; then
+  die "no outpost binary at $OUTPOST_BIN
+Build it first:  cargo build --release -p outpost
+(or set OUTPOST_BIN, or BENCH_ONLY_NGINX=1 to measure nginx alone)"
+fi
+
+# --- processes --------------------------------------------------------------
+TMP=$(mktemp -d -t outpost-bench.XXXXXX)
+chmod 755 "$TMP" # nginx workers drop to nobody when started as root
+STARTED=()
+
+cleanup() {
+  local pid i
+  for pid in "${STARTED[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in "${STARTED[@]}"; do
+    for i in {1..30}; do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$pid" 2>/dev/null || true
+  done
+  wait 2>/dev/null || true
+  [[ ${BENCH_KEEP_TMP:-0} == 1 ]] && echo "bench: kept $TMP" >&2 || rm -rf "$TMP"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+# wait_http URL PID LOG: until URL answers 2xx, or the process dies, or 10 s pass.
+wait_http() {
+  local i
+  for i in {1..100}; do
+    curl -fsS -o /dev/null "$1" 2>/dev/null && return 0
+    kill -0 "$2" 2>/dev/null || { cat "$3" >&2; die "process $2 exited before $1 answered"; }
+    sleep 0.1
+  done
+  cat "$3" >&2
+  die "$1 did not answer within 10 s"
+}
+
+# start_nginx DIR CPU HTTP_BLOCK: foreground master (so $! is its pid), everything under DIR.
+start_nginx() {
+  local dir=$1 cpu=$2 body=$3
+  mkdir -p "$dir/tmp"
+  cat >"$dir/nginx.conf" <<EOF
+daemon off;
+worker_processes 1;
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $dir/tmp/body;
+  proxy_temp_path $dir/tmp/proxy;
+  fastcgi_temp_path $dir/tmp/fastcgi;
+  uwsgi_temp_path $dir/tmp/uwsgi;
+  scgi_temp_path $dir/tmp/scgi;
+  # The default (1000) makes nginx close client connections periodically; outpost does not.
+  keepalive_requests 1000000;
+$body
+}
+EOF
+  taskset -c "$cpu" nginx -p "$dir" -c "$dir/nginx.conf" -e "$dir/error.log" >"$dir/stdout.log" 2>&1 &
+  STARTED+=($!)
+  LAST_PID=$!
+}
+
+declare -A PORT PID RSS_MIB
+VARIANTS=() # proxies measured, in order; nginx first (the ratio baseline)
+
+mkdir -p "$TMP/www"
+printf 'Hello, bench\n' >"$TMP/www/small" # 13 bytes
+head -c 16384 /dev/zero | tr '\0' x >"$TMP/www/16k"
+declare -A SIZE_BYTES=([small]=13 [16k]=16384)
+
+BACKEND_PORT=$(free_port)
+start_nginx "$TMP/backend" "$LOAD_CPU" "
+  sendfile on;
+  open_file_cache max=16;
+  server { listen 127.0.0.1:$BACKEND_PORT; root $TMP/www; }"
+wait_http "http://127.0.0.1:$BACKEND_PORT/small" "$LAST_PID" "$TMP/backend/error.log"
+
+PORT[nginx]=$(free_port)
+start_nginx "$TMP/nginx" "$PROXY_CPU" "
+  upstream backend {
+    server 127.0.0.1:$BACKEND_PORT;
+    keepalive 64;
+    keepalive_requests 1000000;
+  }
+  server {
+    listen 127.0.0.1:${PORT[nginx]};
+    location /bench/ {
+      proxy_pass http://backend/;
+      proxy_http_version 1.1;
+      proxy_set_header Connection \"\";
+    }
+  }"
+PID[nginx]=$LAST_PID
+VARIANTS+=(nginx)
+wait_http "http://127.0.0.1:${PORT[nginx]}/bench/small" "${PID[nginx]}" "$TMP/nginx/error.log"
+
+# start_outpost NAME API_JSON: one more outpost variant, measured against the same nginx.
+start_outpost() {
+  local name=$1 dir=$TMP/$1 port
+  port=$(free_port)
+  mkdir -p "$dir"
+  cp "$2" "$dir/api.json"
+  cat >"$dir/outpost.toml" <<EOF
+[runtime]
+worker_threads = 1
+
+[log]
+level = "warn"
+
+[[listeners]]
+name = "http"
+address = "127.0.0.1:$port"
+
+[config]
+type = "file"
+path = "api.json"
+watch_interval_ms = 0
+EOF
+  taskset -c "$PROXY_CPU" "$OUTPOST_BIN" run --manifest "$dir/outpost.toml" >"$dir/outpost.log" 2>&1 &
+  STARTED+=($!)
+  PORT[$name]=$port
+  PID[$name]=$!
+  wait_http "http://127.0.0.1:$port/status-0123456789abcdef" "$!" "$dir/outpost.log"
+  # Idle: ready, no proxied request served yet.
+  RSS_MIB[$name]=$(awk '/^VmRSS:/ { printf "%.1f", $2 / 1024 }' "/proc/${PID[$name]}/status")
+  VARIANTS+=("$name")
+}
+
+if [[ $ONLY_NGINX != 1 ]]; then
+  cat >"$TMP/api.json" <<EOF
+{
+  "backends": [{"id": "backend", "urls": ["http://127.0.0.1:$BACKEND_PORT"]}],
+  "apis": [{
+    "id": "bench", "path": "/bench", "backend": "backend", "subscription_required": false,
+    "operations": [{"id": "all", "method": "*", "url_template": "/*"}]
+  }]
+}
+EOF
+  start_outpost outpost "$TMP/api.json"
+  # More variants go here, e.g.: start_outpost outpost-10-policies "$TMP/api-policies.json"
+fi
+
+# --- measurement ------------------------------------------------------------
+CLK_TCK=$(getconf CLK_TCK)
+
+# cpu_ticks PID...: utime+stime summed (fields 14 and 15; comm may contain spaces).
+cpu_ticks() {
+  local pid total=0 stat rest f
+  for pid in "$@"; do
+    stat=$(<"/proc/$pid/stat")
+    rest=${stat##*) }
+    read -r -a f <<<"$rest"
+    total=$((total + f[11] + f[12]))
+  done
+  echo "$total"
+}
+
+# to_ms VALUE: wrk duration ("850.00us", "1.23ms", "1.01s", "2.00m") in ms.
+to_ms() {
+  awk -v v="$1" 'BEGIN {
+    n = v + 0; u = v; sub(/^[0-9.]+/, "", u)
+    f = (u == "us") ? 0.001 : (u == "ms") ? 1 : (u == "s") ? 1000 : (u == "m") ? 60000 : (u == "h") ? 3600000 : -1
+    if (f < 0) { print "bad wrk duration: " v > "/dev/stderr"; exit 1 }
+    printf "%.3f", n * f }'
+}
+
+WRK=(taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNECTIONS" --latency)
+declare -A RPS P50 P99 CPU_US CPU_PCT ERRORS
+FAILED=()
+
+# measure_proxy NAME PORT PATH: warm-up, then one measured wrk run; results keyed "NAME|PATH".
+measure_proxy() {
+  local name=$1 url="http://127.0.0.1:$2$3" key="$1|$3" out="$TMP/wrk-$1-${3//\//_}.txt"
+  local pids t0 t1 c0 c1 requests
+  # nginx's CPU is master + worker; outpost is one process.
+  read -r -a pids <<<"${PID[$name]} $(pgrep -P "${PID[$name]}" | tr '\n' ' ' || true)"
+
+  "${WRK[@]}" -d"$WARMUP" "$url" >/dev/null
+  c0=$(cpu_ticks "${pids[@]}"); t0=$(date +%s.%N)
+  "${WRK[@]}" -d"$DURATION" "$url" >"$out"
+  c1=$(cpu_ticks "${pids[@]}"); t1=$(date +%s.%N)
+
+  requests=$(awk '/ requests in / { print $1 }' "$out")
+  [[ -n $requests && $requests -gt 0 ]] || { cat "$out" >&2; die "$name $3: wrk completed no requests"; }
+  RPS[$key]=$(awk '/^Requests\/sec:/ { printf "%.0f", $2 }' "$out")
+  P50[$key]=$(to_ms "$(awk '$1 == "50%" { print $2 }' "$out")")
+  P99[$key]=$(to_ms "$(awk '$1 == "99%" { print $2 }' "$out")")
+  CPU_US[$key]=$(awk -v d=$((c1 - c0)) -v hz="$CLK_TCK" -v n="$requests" 'BEGIN { printf "%.2f", d / hz * 1e6 / n }')
+  CPU_PCT[$key]=$(awk -v d=$((c1 - c0)) -v hz="$CLK_TCK" -v t0="$t0" -v t1="$t1" 'BEGIN { printf "%.0f", d / hz / (t1 - t0) * 100 }')
+  # Both lines are printed only when non-zero.
+  ERRORS[$key]=$(awk '
+    /^ *Non-2xx or 3xx responses:/ { n += $NF }
+    /^ *Socket errors:/ { for (i = 4; i <= NF; i += 2) n += $i }
+    END { print n + 0 }' "$out")
+  if [[ ${ERRORS[$key]} != 0 ]]; then
+    echo "bench: $name $3: ${ERRORS[$key]} errors" >&2
+    cat "$out" >&2
+    FAILED+=("$name $3")
+  fi
+}
+
+for size in "${SIZES[@]}"; do
+  for name in "${VARIANTS[@]}"; do
+    # A wrong route would still be "fast"; check status and body size first.
+    got=$(curl -fsS -o /dev/null -w '%{size_download}' "http://127.0.0.1:${PORT[$name]}/bench/$size") ||
+      die "$name: GET /bench/$size failed"
+    [[ $got == "${SIZE_BYTES[$size]}" ]] || die "$name: /bench/$size returned $got bytes, expected ${SIZE_BYTES[$size]}"
+    echo "bench: $name /bench/$size ($DURATION, $CONNECTIONS connections)" >&2
+    measure_proxy "$name" "${PORT[$name]}" "/bench/$size"
+  done
+done
+
+# --- report -----------------------------------------------------------------
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }'; }
+
+report() {
+  local size name k b
+  echo "## Outpost vs nginx reverse proxy"
+  echo
+  echo "| proxy | size | req/s | p50 ms | p99 ms | CPU µs/req | proxy CPU % | req/s ×nginx | p50 ×nginx | p99 ×nginx | CPU ×nginx | errors |"
+  echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+  for size in "${SIZES[@]}"; do
+    b="nginx|/bench/$size"
+    for name in "${VARIANTS[@]}"; do
+      k="$name|/bench/$size"
+      echo "| $name | $size | ${RPS[$k]} | ${P50[$k]} | ${P99[$k]} | ${CPU_US[$k]} | ${CPU_PCT[$k]} |" \
+        "$(ratio "${RPS[$k]}" "${RPS[$b]}") | $(ratio "${P50[$k]}" "${P50[$b]}") |" \
+        "$(ratio "${P99[$k]}" "${P99[$b]}") | $(ratio "${CPU_US[$k]}" "${CPU_US[$b]}") | ${ERRORS[$k]} |"
+    done
+  done
+  echo
+  for name in "${VARIANTS[@]}"; do
+    if [[ -n ${RSS_MIB[$name]:-} ]]; then echo "- $name idle RSS: ${RSS_MIB[$name]} MiB"; fi
+  done
+  echo "- machine: $(nproc) CPUs, $(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo); $(uname -sr)"
+  echo "- nginx: $(nginx -v 2>&1 | sed 's/^nginx version: //'); wrk: $(wrk -v 2>&1 | awk 'NR == 1 { print $2 }')"
+  echo "- outpost: $([[ $ONLY_NGINX == 1 ]] && echo "not measured" || echo "$OUTPOST_BIN")"
+  echo "- date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
+  local cmd="BENCH_DURATION=$DURATION BENCH_WARMUP=$WARMUP BENCH_CONNECTIONS=$CONNECTIONS"
+  [[ $ONLY_NGINX == 1 ]] && cmd+=" BENCH_ONLY_NGINX=1"
+  [[ -n ${OUTPOST_BIN_SET:-} ]] && cmd+=" OUTPOST_BIN=$OUTPOST_BIN"
+  echo "- command: \`$cmd bench/run.sh\`"
+  echo "- load: \`${WRK[*]} -d$DURATION http://127.0.0.1:PORT/bench/SIZE\` (after a $WARMUP warm-up); proxy on CPU $PROXY_CPU"
+  if ((${#FAILED[@]})); then
+    echo
+    echo "**INVALID: errors in: $(IFS=,; echo "${FAILED[*]}")**"
+  fi
+}
+
+mkdir -p "$(dirname "$RESULTS")"
+report | tee "$RESULTS"
+echo "bench: written to ${RESULTS#"$REPO"/}" >&2
+((${#FAILED[@]} == 0)) || die "requests failed (see above); the numbers are not valid"

@@ -1,0 +1,176 @@
+//! Body types on both sides of the proxy. Enums rather than boxed trait objects so that
+//! forwarding a streamed body costs no allocation per request.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use pin_project_lite::pin_project;
+
+pin_project! {
+    /// What the gateway answers a client with: a backend's streamed body, or a body of its own.
+    #[project = ResponseBodyProj]
+    #[allow(missing_docs)] // fields: the backend's body; the bytes, `None` once sent
+    pub enum ResponseBody {
+        /// Streamed from the backend, frames (including trailers) passed through as they come.
+        Upstream { #[pin] inner: Incoming },
+        /// Produced by the gateway (errors, health answers).
+        Full { data: Option<Bytes> },
+    }
+}
+
+impl ResponseBody {
+    /// A complete body.
+    pub fn full(data: impl Into<Bytes>) -> Self {
+        let data: Bytes = data.into();
+        Self::Full {
+            data: (!data.is_empty()).then_some(data),
+        }
+    }
+
+    /// An empty body.
+    pub fn empty() -> Self {
+        Self::Full { data: None }
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.project() {
+            ResponseBodyProj::Upstream { inner } => inner.poll_frame(cx),
+            ResponseBodyProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Upstream { inner } => inner.is_end_stream(),
+            Self::Full { data } => data.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Upstream { inner } => inner.size_hint(),
+            Self::Full { data } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+        }
+    }
+}
+
+/// Why a request body stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestBodyError {
+    /// Reading from the client failed (it went away, or sent a malformed body).
+    #[error("reading the request body failed: {0}")]
+    Client(#[from] hyper::Error),
+    /// The body passed `limits.max_body_bytes`.
+    #[error("the request body exceeds {limit} bytes")]
+    TooLarge {
+        /// The limit.
+        limit: u64,
+    },
+}
+
+/// When a request body last moved, so the response-header timeout runs from the end of an
+/// upload rather than its start. Shared by the body (which ticks it) and the proxy (which
+/// watches it); only requests that carry a body allocate one.
+#[derive(Debug)]
+pub struct Progress {
+    start: tokio::time::Instant,
+    last_ms: AtomicU64,
+}
+
+impl Progress {
+    /// A tracker starting now.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self {
+            start: tokio::time::Instant::now(),
+            last_ms: AtomicU64::new(0),
+        })
+    }
+
+    fn tick(&self) {
+        let ms = self.start.elapsed().as_millis() as u64;
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// The instant the body last moved (or finished).
+    pub fn last(&self) -> tokio::time::Instant {
+        self.start + std::time::Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+}
+
+pin_project! {
+    /// A client's request body on its way to the backend, counted against the body limit.
+    pub struct RequestBody {
+        #[pin]
+        inner: Incoming,
+        limit: u64,
+        seen: u64,
+        progress: Option<Arc<Progress>>,
+    }
+}
+
+impl RequestBody {
+    /// Wraps `inner`; `limit` is `u64::MAX` when there is none.
+    pub fn new(inner: Incoming, limit: Option<u64>, progress: Option<Arc<Progress>>) -> Self {
+        Self {
+            inner,
+            limit: limit.unwrap_or(u64::MAX),
+            seen: 0,
+            progress,
+        }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = RequestBodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, RequestBodyError>>> {
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        if let (Poll::Ready(_), Some(p)) = (&polled, this.progress.as_ref()) {
+            p.tick();
+        }
+        match polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    *this.seen += data.len() as u64;
+                    if *this.seen > *this.limit {
+                        return Poll::Ready(Some(Err(RequestBodyError::TooLarge {
+                            limit: *this.limit,
+                        })));
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,355 @@
+//! Header work on the request path: hop-by-hop removal, `X-Forwarded-*` / `Forwarded`, the
+//! request id and W3C trace context. Each function allocates only for the header value it
+//! creates.
+
+use std::net::IpAddr;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+/// `x-request-id`: kept when the client sends a sane one, generated otherwise, returned to
+/// the client and sent to the backend.
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Headers that describe one connection, never forwarded (RFC 9110 §7.6.1).
+fn fixed_hop_by_hop() -> [&'static HeaderName; 8] {
+    [
+        &header::CONNECTION,
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+        &header::TRAILER,
+        &header::TRANSFER_ENCODING,
+        &header::UPGRADE,
+        &header::PROXY_AUTHENTICATE,
+        &header::PROXY_AUTHORIZATION,
+    ]
+}
+
+/// Whether a request asks for a protocol upgrade (WebSocket): `Connection: upgrade` plus an
+/// `Upgrade` header. HTTP/1.1 only.
+pub fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .any(|v| has_token(v.as_bytes(), b"upgrade"))
+}
+
+fn has_token(value: &[u8], token: &[u8]) -> bool {
+    value
+        .split(|b| *b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+}
+
+/// Removes hop-by-hop headers: the fixed list, whatever `Connection` names, and `TE` unless it
+/// is exactly `trailers` (which gRPC needs end to end). With `keep_upgrade`, `Upgrade` and
+/// `Connection: upgrade` survive so the backend sees the upgrade request.
+pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Names listed in Connection are removed too; collecting them allocates only when a
+    // client lists extension headers there, which is rare.
+    let mut listed: Vec<HeaderName> = Vec::new();
+    for v in headers.get_all(header::CONNECTION) {
+        for token in v.as_bytes().split(|b| *b == b',') {
+            let token = token.trim_ascii();
+            if token.is_empty()
+                || token.eq_ignore_ascii_case(b"close")
+                || token.eq_ignore_ascii_case(b"keep-alive")
+                || token.eq_ignore_ascii_case(b"upgrade")
+            {
+                continue;
+            }
+            if let Ok(name) = HeaderName::from_bytes(token) {
+                listed.push(name);
+            }
+        }
+    }
+    for name in listed {
+        headers.remove(name);
+    }
+    let upgrade = if keep_upgrade {
+        headers.remove(header::UPGRADE)
+    } else {
+        None
+    };
+    for name in fixed_hop_by_hop() {
+        if headers.contains_key(name) {
+            headers.remove(name);
+        }
+    }
+    if let Some(te) = headers.get(header::TE) {
+        if !te.as_bytes().trim_ascii().eq_ignore_ascii_case(b"trailers") {
+            headers.remove(header::TE);
+        }
+    }
+    if let Some(upgrade) = upgrade {
+        headers.insert(header::UPGRADE, upgrade);
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+}
+
+/// Adds `X-Forwarded-For` (appended), `X-Forwarded-Proto`, `X-Forwarded-Host` and an RFC 7239
+/// `Forwarded` element (appended) describing this hop.
+pub fn add_forwarded(headers: &mut HeaderMap, client: IpAddr, tls: bool, host: Option<&str>) {
+    let proto = if tls { "https" } else { "http" };
+    let ip = client.to_string();
+    let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prev) if !prev.trim().is_empty() => format!("{prev}, {ip}"),
+        _ => ip.clone(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert(&X_FORWARDED_FOR, v);
+    }
+    headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+    let mut element = match client {
+        IpAddr::V4(_) => format!("for={ip};proto={proto}"),
+        IpAddr::V6(_) => format!("for=\"[{ip}]\";proto={proto}"),
+    };
+    if let Some(host) = host.filter(|h| h.bytes().all(|b| b.is_ascii_graphic() && b != b'"')) {
+        if let Ok(v) = HeaderValue::from_str(host) {
+            headers.insert(&X_FORWARDED_HOST, v);
+        }
+        element.push_str(";host=\"");
+        element.push_str(host);
+        element.push('"');
+    }
+    let forwarded = match headers.get(&FORWARDED).and_then(|v| v.to_str().ok()) {
+        Some(prev) if !prev.trim().is_empty() => format!("{prev}, {element}"),
+        _ => element,
+    };
+    if let Ok(v) = HeaderValue::from_str(&forwarded) {
+        headers.insert(&FORWARDED, v);
+    }
+}
+
+/// The request id: the client's `x-request-id` when it is 1–128 visible ASCII characters,
+/// a new UUID v4 otherwise.
+pub fn request_id(headers: &HeaderMap) -> HeaderValue {
+    if let Some(v) = headers.get(&X_REQUEST_ID) {
+        let b = v.as_bytes();
+        if !b.is_empty() && b.len() <= 128 && b.iter().all(u8::is_ascii_graphic) {
+            return v.clone();
+        }
+    }
+    let mut raw = fastrand::u128(..).to_be_bytes();
+    raw[6] = (raw[6] & 0x0f) | 0x40; // version 4
+    raw[8] = (raw[8] & 0x3f) | 0x80; // RFC 4122 variant
+    let mut out = [0u8; 36];
+    let mut o = 0;
+    for (i, byte) in raw.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            out[o] = b'-';
+            o += 1;
+        }
+        hex_byte(*byte, &mut out[o..o + 2]);
+        o += 2;
+    }
+    HeaderValue::from_bytes(&out).expect("hex and dashes are valid header bytes")
+}
+
+/// W3C trace context for this hop: a valid incoming `traceparent` keeps its trace id and
+/// flags and gets a new parent id (the gateway's span); an absent or invalid one is replaced
+/// by a new trace. Returns the trace id (32 hex) for logs. `tracestate` passes through.
+pub fn propagate_traceparent(headers: &mut HeaderMap) -> [u8; 32] {
+    let mut trace_id = [0u8; 32];
+    let mut flags = *b"01";
+    match headers
+        .get(&TRACEPARENT)
+        .and_then(|v| parse_traceparent(v.as_bytes()))
+    {
+        Some((t, f)) => {
+            trace_id = t;
+            flags = f;
+        }
+        None => {
+            let raw = loop {
+                let r = fastrand::u128(..);
+                if r != 0 {
+                    break r;
+                }
+            };
+            for (i, byte) in raw.to_be_bytes().iter().enumerate() {
+                hex_byte(*byte, &mut trace_id[i * 2..i * 2 + 2]);
+            }
+        }
+    }
+    let span = loop {
+        let s = fastrand::u64(..);
+        if s != 0 {
+            break s;
+        }
+    };
+    let mut out = [0u8; 55];
+    out[..3].copy_from_slice(b"00-");
+    out[3..35].copy_from_slice(&trace_id);
+    out[35] = b'-';
+    for (i, byte) in span.to_be_bytes().iter().enumerate() {
+        hex_byte(*byte, &mut out[36 + i * 2..38 + i * 2]);
+    }
+    out[52] = b'-';
+    out[53..55].copy_from_slice(&flags);
+    headers.insert(
+        &TRACEPARENT,
+        HeaderValue::from_bytes(&out).expect("hex and dashes are valid header bytes"),
+    );
+    trace_id
+}
+
+/// Parses `version-traceid-parentid-flags`; `None` when invalid (W3C Trace Context §3.2).
+fn parse_traceparent(v: &[u8]) -> Option<([u8; 32], [u8; 2])> {
+    if v.len() < 55 || v[2] != b'-' || v[35] != b'-' || v[52] != b'-' {
+        return None;
+    }
+    let lower_hex = |s: &[u8]| {
+        s.iter()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b))
+    };
+    let (version, trace, parent, flags) = (&v[..2], &v[3..35], &v[36..52], &v[53..55]);
+    if !lower_hex(version)
+        || version == b"ff"
+        || !lower_hex(trace)
+        || !lower_hex(parent)
+        || !lower_hex(flags)
+    {
+        return None;
+    }
+    // Version 00 is exactly 55 bytes; later versions may append fields after a dash.
+    if (version == b"00" && v.len() != 55) || (v.len() > 55 && v[55] != b'-') {
+        return None;
+    }
+    if trace.iter().all(|b| *b == b'0') || parent.iter().all(|b| *b == b'0') {
+        return None;
+    }
+    let mut t = [0u8; 32];
+    t.copy_from_slice(trace);
+    Some((t, [flags[0], flags[1]]))
+}
+
+fn hex_byte(b: u8, out: &mut [u8]) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    out[0] = HEX[usize::from(b >> 4)];
+    out[1] = HEX[usize::from(b & 0xf)];
+}
+
+/// Total size of a request head as it would appear on the wire (name, value, ": " and CRLF per
+/// header), to enforce `limits.max_header_bytes` the same way for HTTP/1 and HTTP/2.
+pub fn head_size(headers: &HeaderMap, uri_len: usize) -> usize {
+    headers
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len() + 4)
+        .sum::<usize>()
+        + uri_len
+        + 16
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).expect("name"),
+                HeaderValue::from_str(v).expect("value"),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_connection_listed_ones_go() {
+        let mut h = map(&[
+            ("connection", "keep-alive, x-secret"),
+            ("keep-alive", "timeout=5"),
+            ("x-secret", "1"),
+            ("te", "gzip"),
+            ("proxy-authorization", "Basic x"),
+            ("x-kept", "yes"),
+        ]);
+        remove_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn te_trailers_and_upgrades_survive() {
+        let mut h = map(&[
+            ("te", "trailers"),
+            ("connection", "Upgrade"),
+            ("upgrade", "websocket"),
+        ]);
+        assert!(is_upgrade(&h));
+        remove_hop_by_hop(&mut h, true);
+        assert_eq!(h["te"], "trailers");
+        assert_eq!(h["upgrade"], "websocket");
+        assert_eq!(h["connection"], "upgrade");
+    }
+
+    #[test]
+    fn forwarded_headers_append() {
+        let mut h = map(&[
+            ("x-forwarded-for", "10.0.0.1"),
+            ("forwarded", "for=10.0.0.1"),
+        ]);
+        add_forwarded(
+            &mut h,
+            "::1".parse().expect("ip"),
+            true,
+            Some("api.example.com:8443"),
+        );
+        assert_eq!(h["x-forwarded-for"], "10.0.0.1, ::1");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-forwarded-host"], "api.example.com:8443");
+        assert_eq!(
+            h["forwarded"],
+            "for=10.0.0.1, for=\"[::1]\";proto=https;host=\"api.example.com:8443\""
+        );
+    }
+
+    #[test]
+    fn request_ids_are_kept_or_generated() {
+        let h = map(&[("x-request-id", "abc-123")]);
+        assert_eq!(request_id(&h), "abc-123");
+        let id = request_id(&HeaderMap::new());
+        let s = id.to_str().expect("ascii");
+        assert_eq!(s.len(), 36);
+        assert_eq!(&s[14..15], "4");
+        assert_ne!(request_id(&HeaderMap::new()), id);
+    }
+
+    #[test]
+    fn traceparent_is_continued_with_a_new_span() {
+        let incoming = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let mut h = map(&[("traceparent", incoming)]);
+        let trace = propagate_traceparent(&mut h);
+        assert_eq!(&trace, b"4bf92f3577b34da6a3ce929d0e0e4736");
+        let out = h["traceparent"].to_str().expect("ascii");
+        assert!(out.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"));
+        assert!(out.ends_with("-01"));
+        assert_ne!(out, incoming);
+    }
+
+    #[test]
+    fn invalid_traceparent_starts_a_new_trace() {
+        for bad in [
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "garbage",
+        ] {
+            let mut h = map(&[("traceparent", bad)]);
+            let trace = propagate_traceparent(&mut h);
+            let out = h["traceparent"].to_str().expect("ascii");
+            assert_eq!(out.len(), 55);
+            assert!(parse_traceparent(out.as_bytes()).is_some(), "{out}");
+            assert_eq!(&out.as_bytes()[3..35], &trace);
+            assert_ne!(&out[3..35], bad.get(3..35).unwrap_or(""));
+        }
+    }
+}

@@ -1,0 +1,195 @@
+//! Connections to backends: pooled keep-alive clients (HTTP/1.1 and HTTP/2, rustls), and the
+//! resolved targets of each backend, picked round-robin.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use http::uri::{Authority, Scheme};
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use outpost_config::{Backend, BackendTls, Upstream};
+use rustls::RootCertStore;
+
+use crate::body::RequestBody;
+use crate::tls::{self, TlsError};
+
+/// The HTTP client used for backends.
+pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, RequestBody>;
+
+/// One base URL of a backend, pre-parsed.
+#[derive(Debug)]
+pub struct Target {
+    /// `http` or `https`.
+    pub scheme: Scheme,
+    /// `host:port`.
+    pub authority: Authority,
+    /// Base path without a trailing slash (empty for none).
+    pub base_path: Box<str>,
+}
+
+/// A backend ready to take requests.
+pub struct BackendRoute {
+    /// Backend id.
+    pub id: Arc<str>,
+    /// Keep the client's Host header.
+    pub preserve_host: bool,
+    /// Pooled client (shared between backends with the same TLS and protocol settings, and
+    /// kept across configuration reloads).
+    pub client: UpstreamClient,
+    targets: Vec<Target>,
+    next: AtomicUsize,
+}
+
+impl std::fmt::Debug for BackendRoute {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackendRoute")
+            .field("id", &self.id)
+            .field("targets", &self.targets)
+            .finish_non_exhaustive()
+    }
+}
+
+impl BackendRoute {
+    /// The next target, round-robin.
+    pub fn pick(&self) -> &Target {
+        if self.targets.len() == 1 {
+            return &self.targets[0];
+        }
+        let i = self.next.fetch_add(1, Ordering::Relaxed);
+        &self.targets[i % self.targets.len()]
+    }
+}
+
+/// Clients keyed by their settings, so a reload that keeps a backend's settings keeps its
+/// warm connection pool.
+pub struct ClientCache {
+    settings: Upstream,
+    clients: Mutex<HashMap<String, UpstreamClient>>,
+}
+
+impl ClientCache {
+    /// An empty cache for clients with the manifest's upstream settings.
+    pub fn new(settings: Upstream) -> Self {
+        Self {
+            settings,
+            clients: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Builds the runtime form of a backend (validated config assumed).
+    pub fn backend(&self, b: &Backend) -> Result<BackendRoute, TlsError> {
+        let tls = b.tls.clone().unwrap_or_default();
+        let key = format!(
+            "h2={}|ca={:?}|cert={:?}|key={}",
+            b.http2,
+            tls.ca_pem,
+            tls.client_cert_pem,
+            tls.client_key_pem
+                .as_deref()
+                .map(digest)
+                .unwrap_or_default()
+        );
+        let client = {
+            let mut clients = self.clients.lock().expect("client cache lock");
+            match clients.get(&key) {
+                Some(c) => c.clone(),
+                None => {
+                    let c = self.build_client(&tls, b.http2)?;
+                    clients.insert(key, c.clone());
+                    c
+                }
+            }
+        };
+        let targets = b
+            .urls
+            .iter()
+            .map(|u| {
+                let uri: http::Uri = u.parse().expect("validated URL");
+                let parts = uri.into_parts();
+                Target {
+                    scheme: parts.scheme.expect("validated scheme"),
+                    authority: parts.authority.expect("validated host"),
+                    base_path: parts
+                        .path_and_query
+                        .map(|p| p.path().trim_end_matches('/').into())
+                        .unwrap_or_default(),
+                }
+            })
+            .collect();
+        Ok(BackendRoute {
+            id: b.id.as_str().into(),
+            preserve_host: b.preserve_host,
+            client,
+            targets,
+            next: AtomicUsize::new(0),
+        })
+    }
+
+    fn build_client(&self, tls: &BackendTls, http2: bool) -> Result<UpstreamClient, TlsError> {
+        let roots = match &tls.ca_pem {
+            Some(pem) => tls::roots_from_pem(pem.as_bytes(), "backend tls.ca_pem")?,
+            None => system_roots(),
+        };
+        let builder = rustls::ClientConfig::builder_with_provider(tls::provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsError::Config(e.to_string()))?
+            .with_root_certificates(roots);
+        let config = match (&tls.client_cert_pem, &tls.client_key_pem) {
+            (Some(cert), Some(key)) => {
+                let chain = tls::certs_from_pem(cert.as_bytes(), "backend tls.client_cert_pem")?;
+                let key = tls::key_from_pem(key.as_bytes(), "backend tls.client_key_pem")?;
+                builder
+                    .with_client_auth_cert(chain, key)
+                    .map_err(|e| TlsError::Config(format!("backend client certificate: {e}")))?
+            }
+            _ => builder.with_no_client_auth(),
+        };
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(Duration::from_millis(
+            self.settings.connect_timeout_ms,
+        )));
+        let connector = HttpsConnectorBuilder::new()
+            .with_tls_config(config)
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder
+            .pool_idle_timeout(Duration::from_millis(self.settings.idle_timeout_ms))
+            .pool_max_idle_per_host(self.settings.max_idle_per_host)
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .http2_only(http2);
+        Ok(builder.build(connector))
+    }
+}
+
+fn digest(s: &str) -> String {
+    let d = ring::digest::digest(&ring::digest::SHA256, s.as_bytes());
+    d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The system's trust roots, loaded once. A machine without any gets an empty store: HTTPS
+/// backends then need `tls.ca_pem`, and connecting says why it failed.
+fn system_roots() -> Arc<RootCertStore> {
+    static ROOTS: OnceLock<Arc<RootCertStore>> = OnceLock::new();
+    ROOTS
+        .get_or_init(|| {
+            let mut store = RootCertStore::empty();
+            let found = rustls_native_certs::load_native_certs();
+            for e in &found.errors {
+                tracing::warn!(error = %e, "Could not load some system trust roots.");
+            }
+            let (added, _) = store.add_parsable_certificates(found.certs);
+            tracing::debug!(roots = added, "Loaded system trust roots.");
+            Arc::new(store)
+        })
+        .clone()
+}
