@@ -98,6 +98,13 @@ fn run(path: &std::path::Path) -> ExitCode {
             manifest = %path.display(),
             "Starting Outpost."
         );
+        let stop = match outpost_gateway::shutdown_signal() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "Cannot install signal handlers.");
+                return ExitCode::FAILURE;
+            }
+        };
         let gateway = match outpost_gateway::Gateway::start(&manifest).await {
             Ok(g) => g,
             Err(e) => {
@@ -105,7 +112,7 @@ fn run(path: &std::path::Path) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        outpost_gateway::shutdown_signal().await;
+        stop.await;
         gateway.shutdown().await;
         tracing::info!("Stopped.");
         ExitCode::SUCCESS

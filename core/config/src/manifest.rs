@@ -327,15 +327,19 @@ impl Manifest {
             Some(v) => deserialize_into::<ConfigSource, _>(v.clone(), "config", &mut report),
         };
 
+        // Semantic checks run on every section that parsed, so one pass reports everything.
+        validate_listeners(&listeners, &mut report);
+        validate_limits(
+            limits.as_ref().unwrap_or(&Limits::default()),
+            upstream.as_ref().unwrap_or(&Upstream::default()),
+            runtime.as_ref().unwrap_or(&Runtime::default()),
+            &mut report,
+        );
         let (Some(gateway), Some(runtime), Some(log), Some(limits), Some(upstream), Some(shutdown)) =
             (gateway, runtime, log, limits, upstream, shutdown)
         else {
-            // Keep going with what parsed so semantic problems are reported too.
-            validate_listeners(&listeners, &mut report);
             return Err(report);
         };
-        validate_listeners(&listeners, &mut report);
-        validate_limits(&limits, &upstream, &runtime, &mut report);
         if gateway.id.trim().is_empty() {
             report.push("gateway.id", "must not be empty");
         }

@@ -111,6 +111,14 @@ impl Gateway {
         );
         shared.snapshot.store(Some(Arc::new(snapshot)));
 
+        // Installed before "Listening." so an early SIGHUP reloads instead of killing.
+        let hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(error = %e, "Cannot listen for SIGHUP; reload on signal is off.");
+                None
+            }
+        };
         let mut bound = Vec::new();
         for (l, tls) in manifest.listeners.iter().zip(tls_configs) {
             let b = Bound::bind(l, tls, &manifest.limits).map_err(|source| StartError::Bind {
@@ -143,6 +151,7 @@ impl Gateway {
             shared.clone(),
             clients,
             source.clone(),
+            hangup,
             stop_rx,
         )));
         Ok(Gateway {
@@ -196,13 +205,16 @@ impl Gateway {
     }
 }
 
-/// Resolves on SIGTERM or SIGINT.
-pub async fn shutdown_signal() {
+/// A future that resolves on SIGTERM or SIGINT. The handlers are installed by this call, so
+/// call it before announcing readiness: a signal that arrives early is then not fatal.
+pub fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received."),
-        _ = int.recv() => tracing::info!("SIGINT received."),
-    }
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received."),
+            _ = int.recv() => tracing::info!("SIGINT received."),
+        }
+    })
 }

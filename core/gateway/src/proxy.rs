@@ -286,6 +286,14 @@ async fn serve(
     }
 
     let has_body = !http_body::Body::is_end_stream(&body);
+    if has_body && !parts.headers.contains_key(header::CONTENT_LENGTH) {
+        // A body of unknown length (chunked, or HTTP/2 without a length). Say so explicitly:
+        // on GET/HEAD the HTTP/1.1 client would otherwise assume there is none and drop it.
+        parts.headers.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+    }
     let progress = has_body.then(Progress::new);
     let body = RequestBody::new(body, shared.limits.max_body_bytes, progress.clone());
     let upstream_req = Request::from_parts(parts, body);

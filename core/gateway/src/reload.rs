@@ -54,6 +54,7 @@ pub async fn watch_file(
     shared: Arc<Shared>,
     clients: Arc<ClientCache>,
     source: FileSource,
+    mut hangup: Option<tokio::signal::unix::Signal>,
     mut stop: watch::Receiver<bool>,
 ) {
     let path: PathBuf = source.path.clone();
@@ -65,13 +66,6 @@ pub async fn watch_file(
         .as_ref()
         .map(|s| s.digest.clone())
         .unwrap_or_default();
-    let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            tracing::warn!(error = %e, "Cannot listen for SIGHUP; reload on signal is off.");
-            None
-        }
-    };
     let period =
         (source.watch_interval_ms > 0).then(|| Duration::from_millis(source.watch_interval_ms));
     let mut ticker = tokio::time::interval(period.unwrap_or(Duration::from_secs(3600)));

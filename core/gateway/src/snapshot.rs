@@ -125,12 +125,7 @@ impl Snapshot {
                 })
                 .collect();
             // Most specific template first; a fixed method before "any method".
-            operations.sort_by_cached_key(|op| {
-                (
-                    std::cmp::Reverse(op.template.specificity()),
-                    op.method.is_none(),
-                )
-            });
+            operations.sort_by_cached_key(|op| (op.template.specificity(), op.method.is_none()));
             let key_header = match HeaderName::from_bytes(api.subscription_key.header.as_bytes()) {
                 Ok(h) => h,
                 Err(e) => {
