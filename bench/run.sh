@@ -216,9 +216,34 @@ measure_proxy() {
   read -r -a pids <<<"${PID[$name]} $(pgrep -P "${PID[$name]}" | tr '\n' ' ' || true)"
 
   "${WRK[@]}" -d"$WARMUP" "$url" >/dev/null
+  local perf_pid= stat_pid=
+  if [[ -n ${BENCH_PERF:-} ]]; then
+    # Syscalls and context switches per request, for nginx and outpost alike.
+    perf stat -x, -e raw_syscalls:sys_enter,context-switches -p "$(IFS=,; echo "${pids[*]}")" \
+      -o "$TMP/stat-$name-${3//\//_}.txt" 2>/dev/null &
+    stat_pid=$!
+  fi
+  if [[ -n ${BENCH_PERF:-} && $name != nginx ]]; then
+    # Profile the measured run (it costs a little CPU; use it to find hot spots, not for numbers).
+    perf record -q -F 1999 -g -p "${PID[$name]}" -o "$TMP/perf-$name-${3//\//_}.data" 2>/dev/null &
+    perf_pid=$!
+  fi
   c0=$(cpu_ticks "${pids[@]}"); t0=$(date +%s.%N)
   "${WRK[@]}" -d"$DURATION" "$url" >"$out"
   c1=$(cpu_ticks "${pids[@]}"); t1=$(date +%s.%N)
+  if [[ -n $stat_pid ]]; then
+    kill -INT "$stat_pid"; wait "$stat_pid" || true
+    awk -F, -v n="$(awk '/ requests in / { print $1 }' "$out")" -v who="$name $3" '
+      $3 ~ /sys_enter/ { s = $1 } $3 ~ /context-switches/ { c = $1 }
+      END { printf "bench: %s: %.2f syscalls/req, %.3f context switches/req\n", who, s / n, c / n }' \
+      "$TMP/stat-$name-${3//\//_}.txt" >&2
+  fi
+  if [[ -n $perf_pid ]]; then
+    kill -INT "$perf_pid"; wait "$perf_pid" || true
+    perf report -q -i "$TMP/perf-$name-${3//\//_}.data" --no-children --sort symbol --stdio -g none 2>/dev/null | cut -c1-160 | sed "s/ *-* *-* *$//" \
+      >"$REPO/bench/results/perf-$name-${3//\//_}.txt" 2>/dev/null || true
+    echo "bench: profile in bench/results/perf-$name-${3//\//_}.txt" >&2
+  fi
 
   requests=$(awk '/ requests in / { print $1 }' "$out")
   [[ -n $requests && $requests -gt 0 ]] || { cat "$out" >&2; die "$name $3: wrk completed no requests"; }

@@ -184,6 +184,17 @@ async fn sigterm_drains_in_flight_requests_then_exits_zero() {
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["status"], "draining");
 
+    // Once the delay is over the listening socket is closed: new connections are refused
+    // while the in-flight request is still running.
+    gw.wait_for_log("Stopped accepting.", 1);
+    assert!(backend.requests() == 1 && !slow.is_finished());
+    assert!(
+        tokio::net::TcpStream::connect(gw.addr("http"))
+            .await
+            .is_err(),
+        "new connections are refused while draining"
+    );
+
     let resp = slow.await.unwrap().expect("in-flight request completed");
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.text().await.unwrap(), "slow");

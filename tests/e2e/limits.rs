@@ -195,3 +195,116 @@ async fn backend_down_is_502_and_backend_slow_is_504() {
         .iter()
         .all(|l| l["request_id"].as_str().is_some_and(|s| !s.is_empty())));
 }
+
+#[tokio::test]
+async fn paths_that_could_escape_the_api_prefix_are_refused() {
+    let backend = Backend::start().await;
+    let gw = Gateway::start(GatewaySpec::http(open_api(&backend.url(false))));
+    let addr = gw.addr("http");
+    for path in [
+        "/svc/../admin",
+        "/svc/%2e%2e/admin",
+        "/svc/.%2E/admin",
+        "/svc/./echo",
+        "/svc/a%2Fb/echo",
+        "/svc/a%5cb/echo",
+    ] {
+        let answer = raw(
+            addr,
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+            Duration::from_secs(5),
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{path} → {answer}");
+        assert!(
+            answer.contains("\"error\":\"bad_request\""),
+            "{path} → {answer}"
+        );
+    }
+    assert_eq!(backend.requests(), 0);
+    // Dots inside names are fine.
+    let r = client()
+        .get(gw.url("/svc/v1.2/file.json/echo"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+#[tokio::test]
+async fn only_websocket_upgrades_are_tunnelled() {
+    let backend = Backend::start().await;
+    let gw = Gateway::start(GatewaySpec::http(open_api(&backend.url(false))));
+    // An h2c upgrade would open a raw tunnel past routing and keys: it is forwarded as a
+    // plain request instead.
+    let answer = raw(
+        gw.addr("http"),
+        b"GET /svc/echo HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n",
+        Duration::from_secs(2),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        !answer.to_ascii_lowercase().contains("\"upgrade\""),
+        "{answer}"
+    );
+    assert!(!answer.contains("http2-settings"), "{answer}");
+}
+
+#[tokio::test]
+async fn a_client_that_stalls_its_upload_gets_408_not_a_backend_error() {
+    let backend = Backend::start().await;
+    let gw = Gateway::start(spec_with(
+        "[upstream]\nresponse_header_timeout_ms = 500\n",
+        open_api(&backend.url(false)),
+    ));
+    let answer = raw(
+        gw.addr("http"),
+        b"POST /svc/upload HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n0123456789",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("request_timeout"), "{answer}");
+}
+
+#[tokio::test]
+async fn connections_that_never_send_a_request_are_closed() {
+    let backend = Backend::start().await;
+    let gw = Gateway::start(spec_with(
+        "[limits]\nheader_read_timeout_ms = 300\n",
+        open_api(&backend.url(false)),
+    ));
+    // Nothing at all, and a few bytes of an HTTP/2 preface: both closed.
+    for sent in [&b""[..], b"PRI *"] {
+        let mut s = TcpStream::connect(gw.addr("http")).await.unwrap();
+        s.write_all(sent).await.unwrap();
+        let mut buf = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await;
+        assert!(
+            read.is_ok(),
+            "connection sending {sent:?} still open after 10 s"
+        );
+    }
+}
+
+#[tokio::test]
+async fn http1_only_listeners_refuse_http2() {
+    let backend = Backend::start().await;
+    let gw = Gateway::start(GatewaySpec {
+        manifest: "[[listeners]]\nname = \"http\"\naddress = \"127.0.0.1:0\"\nhttp2 = false\n"
+            .into(),
+        api: open_api(&backend.url(false)),
+        files: Vec::new(),
+        watch_ms: 100,
+    });
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .no_proxy()
+        .build()
+        .unwrap();
+    assert!(h2.get(gw.url("/svc/echo")).send().await.is_err());
+    let r = client().get(gw.url("/svc/echo")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.version(), reqwest::Version::HTTP_11);
+}

@@ -142,12 +142,19 @@ async fn h2c_prior_knowledge_downstream() {
         .no_proxy()
         .build()
         .unwrap();
-    let r = c.get(gw.url("/svc/echo")).send().await.unwrap();
+    let r = c
+        .get(gw.url("/svc/echo"))
+        .header("cookie", "a=1")
+        .header("cookie", "b=2")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.version(), reqwest::Version::HTTP_2);
     assert_eq!(r.status(), 200);
     let v: Value = r.json().await.unwrap();
-    // Forwarded to an HTTP/1.1 backend, with the Host the backend expects.
+    // Forwarded to an HTTP/1.1 backend, with the Host the backend expects and one Cookie.
     assert_eq!(v["version"], "HTTP/1.1");
+    assert_eq!(v["headers"]["cookie"], json!(["a=1; b=2"]));
     assert_eq!(v["headers"]["host"][0], backend.addr.to_string().as_str());
     assert!(v["headers"]["x-forwarded-host"][0].as_str().is_some());
 }

@@ -40,6 +40,10 @@ fn pki() -> Pki {
 
 const TLS_LISTENERS: &str = r#"
 [[listeners]]
+name = "plain"
+address = "127.0.0.1:0"
+
+[[listeners]]
 name = "https"
 address = "127.0.0.1:0"
 

@@ -160,7 +160,10 @@ pub struct Limits {
     pub max_header_bytes: usize,
     /// Largest request body accepted; larger → 413. Absent: unlimited (bodies are streamed).
     pub max_body_bytes: Option<u64>,
-    /// Time a client has to send a complete request head; slower connections are closed.
+    /// Time a client has to send a complete request head (and, on a new connection, its first
+    /// request); slower connections are closed. HTTP/1.1 keep-alive connections idle this long
+    /// are closed too, so keep it above the idle timeout of any load balancer in front
+    /// (default 65 s, above the common 60 s).
     pub header_read_timeout_ms: u64,
     /// Time a client has to complete the TLS handshake.
     pub tls_handshake_timeout_ms: u64,
@@ -173,7 +176,7 @@ impl Default for Limits {
         Self {
             max_header_bytes: 32 * 1024,
             max_body_bytes: None,
-            header_read_timeout_ms: 10_000,
+            header_read_timeout_ms: 65_000,
             tls_handshake_timeout_ms: 10_000,
             http2_max_concurrent_streams: 256,
         }
@@ -192,6 +195,8 @@ pub struct Upstream {
     pub idle_timeout_ms: u64,
     /// Idle pooled connections kept per backend host.
     pub max_idle_per_host: usize,
+    /// An upgraded connection (WebSocket) with no traffic either way for this long is closed.
+    pub tunnel_idle_timeout_ms: u64,
 }
 
 impl Default for Upstream {
@@ -201,6 +206,7 @@ impl Default for Upstream {
             response_header_timeout_ms: 60_000,
             idle_timeout_ms: 90_000,
             max_idle_per_host: 256,
+            tunnel_idle_timeout_ms: 300_000,
         }
     }
 }
@@ -454,6 +460,10 @@ fn validate_limits(limits: &Limits, upstream: &Upstream, runtime: &Runtime, repo
             upstream.response_header_timeout_ms,
         ),
         ("upstream.idle_timeout_ms", upstream.idle_timeout_ms),
+        (
+            "upstream.tunnel_idle_timeout_ms",
+            upstream.tunnel_idle_timeout_ms,
+        ),
     ];
     for (key, v) in positive {
         if v == 0 {

@@ -2,7 +2,7 @@
 //! forwarding a streamed body costs no allocation per request.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -83,13 +83,28 @@ pub enum RequestBodyError {
     },
 }
 
-/// When a request body last moved, so the response-header timeout runs from the end of an
-/// upload rather than its start. Shared by the body (which ticks it) and the proxy (which
-/// watches it); only requests that carry a body allocate one.
+/// How far a request body got, shared by the body (which updates it) and the proxy (which
+/// watches it): the response-header timeout runs from the end of an upload rather than its
+/// start, and a failure is blamed on the right party even when the HTTP client hides the body
+/// error. Only requests that carry a body allocate one.
 #[derive(Debug)]
 pub struct Progress {
     start: tokio::time::Instant,
     last_ms: AtomicU64,
+    state: AtomicU8,
+}
+
+/// Where a request body stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyState {
+    /// Still arriving.
+    Streaming,
+    /// Completely read.
+    Done,
+    /// Cut off at the body limit.
+    TooLarge,
+    /// The client's side failed (aborted, malformed chunking).
+    ClientFailed,
 }
 
 impl Progress {
@@ -98,6 +113,7 @@ impl Progress {
         Arc::new(Self {
             start: tokio::time::Instant::now(),
             last_ms: AtomicU64::new(0),
+            state: AtomicU8::new(0),
         })
     }
 
@@ -106,9 +122,23 @@ impl Progress {
         self.last_ms.store(ms, Ordering::Relaxed);
     }
 
+    fn set(&self, state: BodyState) {
+        self.state.store(state as u8, Ordering::Relaxed);
+    }
+
     /// The instant the body last moved (or finished).
     pub fn last(&self) -> tokio::time::Instant {
         self.start + std::time::Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+
+    /// Where the body stands.
+    pub fn state(&self) -> BodyState {
+        match self.state.load(Ordering::Relaxed) {
+            1 => BodyState::Done,
+            2 => BodyState::TooLarge,
+            3 => BodyState::ClientFailed,
+            _ => BodyState::Streaming,
+        }
     }
 }
 
@@ -143,27 +173,39 @@ impl Body for RequestBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, RequestBodyError>>> {
-        let this = self.project();
-        let polled = this.inner.poll_frame(cx);
-        if let (Poll::Ready(_), Some(p)) = (&polled, this.progress.as_ref()) {
-            p.tick();
-        }
-        match polled {
+        let mut this = self.project();
+        let polled = this.inner.as_mut().poll_frame(cx);
+        let (out, state) = match polled {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(None) => (Poll::Ready(None), Some(BodyState::Done)),
+            Poll::Ready(Some(Err(e))) => (
+                Poll::Ready(Some(Err(RequestBodyError::Client(e)))),
+                Some(BodyState::ClientFailed),
+            ),
             Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    *this.seen += data.len() as u64;
-                    if *this.seen > *this.limit {
-                        return Poll::Ready(Some(Err(RequestBodyError::TooLarge {
-                            limit: *this.limit,
-                        })));
-                    }
+                let len = frame.data_ref().map_or(0, |d| d.len() as u64);
+                *this.seen += len;
+                if *this.seen > *this.limit {
+                    (
+                        Poll::Ready(Some(Err(RequestBodyError::TooLarge { limit: *this.limit }))),
+                        Some(BodyState::TooLarge),
+                    )
+                } else {
+                    let done = this.inner.is_end_stream();
+                    (
+                        Poll::Ready(Some(Ok(frame))),
+                        done.then_some(BodyState::Done),
+                    )
                 }
-                Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
-            Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => Poll::Pending,
+        };
+        if let Some(p) = this.progress.as_ref() {
+            p.tick();
+            if let Some(state) = state {
+                p.set(state);
+            }
         }
+        out
     }
 
     fn is_end_stream(&self) -> bool {

@@ -57,7 +57,9 @@ pub enum ProxyError {
     },
     /// The client's request could not be read (aborted upload, malformed body).
     BadRequest(String),
-    /// No configuration is loaded yet, or the gateway is shutting down.
+    /// The client stopped sending its body before it was complete.
+    RequestTimeout,
+    /// No configuration is loaded yet.
     NotReady,
     /// The backend refused the connection or could not be resolved.
     BackendUnreachable {
@@ -92,6 +94,7 @@ impl ProxyError {
             Self::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::NotReady => StatusCode::SERVICE_UNAVAILABLE,
             Self::BackendUnreachable { .. } | Self::BackendFailed { .. } => StatusCode::BAD_GATEWAY,
             Self::BackendTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
@@ -109,6 +112,7 @@ impl ProxyError {
             Self::HeadersTooLarge { .. } => "headers_too_large",
             Self::BodyTooLarge { .. } => "body_too_large",
             Self::BadRequest(_) => "bad_request",
+            Self::RequestTimeout => "request_timeout",
             Self::NotReady => "not_ready",
             Self::BackendUnreachable { .. } => "backend_unreachable",
             Self::BackendTimeout { .. } => "backend_timeout",
@@ -126,7 +130,8 @@ impl ProxyError {
             | Self::SubscriptionSuspended
             | Self::HeadersTooLarge { .. }
             | Self::BodyTooLarge { .. }
-            | Self::BadRequest(_) => ErrorSource::Client,
+            | Self::BadRequest(_)
+            | Self::RequestTimeout => ErrorSource::Client,
             Self::BackendUnreachable { .. }
             | Self::BackendTimeout { .. }
             | Self::BackendFailed { .. } => ErrorSource::Backend,
@@ -183,6 +188,9 @@ impl fmt::Display for ProxyError {
                 write!(f, "The request body exceeds the limit of {limit} bytes.")
             }
             Self::BadRequest(why) => write!(f, "The request could not be read: {why}."),
+            Self::RequestTimeout => f.write_str(
+                "The request body stopped arriving before it was complete.",
+            ),
             Self::NotReady => f.write_str("The gateway is not ready to serve requests."),
             Self::BackendUnreachable { backend, reason } => {
                 write!(f, "Backend '{backend}' is unreachable: {reason}.")

@@ -17,13 +17,13 @@ static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
-/// Headers that describe one connection, never forwarded (RFC 9110 §7.6.1).
-fn fixed_hop_by_hop() -> [&'static HeaderName; 8] {
+/// Headers that describe one connection, never forwarded (RFC 9110 §7.6.1). `Trailer` is
+/// not one of them: it announces trailer fields end to end, and HTTP/1.1 needs it to send them.
+fn fixed_hop_by_hop() -> [&'static HeaderName; 7] {
     [
         &header::CONNECTION,
         &KEEP_ALIVE,
         &PROXY_CONNECTION,
-        &header::TRAILER,
         &header::TRANSFER_ENCODING,
         &header::UPGRADE,
         &header::PROXY_AUTHENTICATE,
@@ -31,10 +31,14 @@ fn fixed_hop_by_hop() -> [&'static HeaderName; 8] {
     ]
 }
 
-/// Whether a request asks for a protocol upgrade (WebSocket): `Connection: upgrade` plus an
-/// `Upgrade` header. HTTP/1.1 only.
+/// Whether a request asks for a WebSocket upgrade: `Connection: upgrade` and `Upgrade:
+/// websocket`. Other upgrades (`h2c`, …) are not tunnelled: a raw tunnel would carry later
+/// requests past routing and subscription checks. HTTP/1.1 only.
 pub fn is_upgrade(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::UPGRADE)
+    headers
+        .get_all(header::UPGRADE)
+        .iter()
+        .any(|v| has_token(v.as_bytes(), b"websocket"))
         && headers
             .get_all(header::CONNECTION)
             .iter()
@@ -78,9 +82,7 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         None
     };
     for name in fixed_hop_by_hop() {
-        if headers.contains_key(name) {
-            headers.remove(name);
-        }
+        headers.remove(name);
     }
     if let Some(te) = headers.get(header::TE) {
         if !te.as_bytes().trim_ascii().eq_ignore_ascii_case(b"trailers") {
@@ -93,37 +95,79 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
-/// Adds `X-Forwarded-For` (appended), `X-Forwarded-Proto`, `X-Forwarded-Host` and an RFC 7239
-/// `Forwarded` element (appended) describing this hop.
-pub fn add_forwarded(headers: &mut HeaderMap, client: IpAddr, tls: bool, host: Option<&str>) {
-    let proto = if tls { "https" } else { "http" };
-    let ip = client.to_string();
-    let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.trim().is_empty() => format!("{prev}, {ip}"),
-        _ => ip.clone(),
-    };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        headers.insert(&X_FORWARDED_FOR, v);
+/// What one client connection contributes to the forwarding headers, formatted once per
+/// connection rather than per request.
+#[derive(Debug)]
+pub struct ForwardedFor {
+    ip: HeaderValue,
+    element: String,
+    proto: HeaderValue,
+}
+
+impl ForwardedFor {
+    /// For a client at `client` (IPv4-mapped IPv6 shown as IPv4) over TLS or not.
+    pub fn new(client: IpAddr, tls: bool) -> Self {
+        let client = client.to_canonical();
+        let proto = if tls { "https" } else { "http" };
+        let ip = client.to_string();
+        let element = match client {
+            IpAddr::V4(_) => format!("for={ip};proto={proto}"),
+            IpAddr::V6(_) => format!("for=\"[{ip}]\";proto={proto}"),
+        };
+        Self {
+            ip: HeaderValue::from_str(&ip).expect("an IP address is a valid header value"),
+            element,
+            proto: HeaderValue::from_static(proto),
+        }
     }
-    headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
-    let mut element = match client {
-        IpAddr::V4(_) => format!("for={ip};proto={proto}"),
-        IpAddr::V6(_) => format!("for=\"[{ip}]\";proto={proto}"),
-    };
-    if let Some(host) = host.filter(|h| h.bytes().all(|b| b.is_ascii_graphic() && b != b'"')) {
+}
+
+/// Adds `X-Forwarded-For` (appended), `X-Forwarded-Proto`, `X-Forwarded-Host` and an RFC 7239
+/// `Forwarded` element (appended) describing this hop. A client's own `X-Forwarded-Host` and
+/// `X-Forwarded-Proto` are replaced, never passed on.
+pub fn add_forwarded(headers: &mut HeaderMap, conn: &ForwardedFor, host: Option<&str>) {
+    match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prev) if !prev.trim().is_empty() => {
+            let xff = format!("{prev}, {}", conn.element_ip());
+            if let Ok(v) = HeaderValue::from_str(&xff) {
+                headers.insert(&X_FORWARDED_FOR, v);
+            }
+        }
+        _ => {
+            headers.insert(&X_FORWARDED_FOR, conn.ip.clone());
+        }
+    }
+    headers.insert(&X_FORWARDED_PROTO, conn.proto.clone());
+    headers.remove(&X_FORWARDED_HOST);
+    let host = host.filter(|h| h.bytes().all(|b| b.is_ascii_graphic() && b != b'"'));
+    let prev = headers
+        .get(&FORWARDED)
+        .and_then(|v| v.to_str().ok())
+        .filter(|p| !p.trim().is_empty());
+    let mut forwarded = String::with_capacity(
+        prev.map_or(0, |p| p.len() + 2) + conn.element.len() + host.map_or(0, |h| h.len() + 8),
+    );
+    if let Some(prev) = prev {
+        forwarded.push_str(prev);
+        forwarded.push_str(", ");
+    }
+    forwarded.push_str(&conn.element);
+    if let Some(host) = host {
         if let Ok(v) = HeaderValue::from_str(host) {
             headers.insert(&X_FORWARDED_HOST, v);
         }
-        element.push_str(";host=\"");
-        element.push_str(host);
-        element.push('"');
+        forwarded.push_str(";host=\"");
+        forwarded.push_str(host);
+        forwarded.push('"');
     }
-    let forwarded = match headers.get(&FORWARDED).and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.trim().is_empty() => format!("{prev}, {element}"),
-        _ => element,
-    };
     if let Ok(v) = HeaderValue::from_str(&forwarded) {
         headers.insert(&FORWARDED, v);
+    }
+}
+
+impl ForwardedFor {
+    fn element_ip(&self) -> &str {
+        self.ip.to_str().unwrap_or_default()
     }
 }
 
@@ -297,12 +341,8 @@ mod tests {
             ("x-forwarded-for", "10.0.0.1"),
             ("forwarded", "for=10.0.0.1"),
         ]);
-        add_forwarded(
-            &mut h,
-            "::1".parse().expect("ip"),
-            true,
-            Some("api.example.com:8443"),
-        );
+        let conn = ForwardedFor::new("::1".parse().expect("ip"), true);
+        add_forwarded(&mut h, &conn, Some("api.example.com:8443"));
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, ::1");
         assert_eq!(h["x-forwarded-proto"], "https");
         assert_eq!(h["x-forwarded-host"], "api.example.com:8443");
@@ -310,6 +350,33 @@ mod tests {
             h["forwarded"],
             "for=10.0.0.1, for=\"[::1]\";proto=https;host=\"api.example.com:8443\""
         );
+    }
+
+    #[test]
+    fn client_forwarding_claims_are_replaced() {
+        // A host that cannot be represented drops the client's X-Forwarded-Host too; an
+        // IPv4-mapped address is shown as IPv4.
+        let mut h = map(&[
+            ("x-forwarded-host", "evil.example"),
+            ("x-forwarded-proto", "https"),
+        ]);
+        let conn = ForwardedFor::new("::ffff:10.1.2.3".parse().expect("ip"), false);
+        add_forwarded(&mut h, &conn, Some("bad host"));
+        assert!(h.get("x-forwarded-host").is_none());
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-for"], "10.1.2.3");
+        assert_eq!(h["forwarded"], "for=10.1.2.3;proto=http");
+    }
+
+    #[test]
+    fn only_websocket_upgrades_are_recognised() {
+        let h = map(&[("connection", "Upgrade"), ("upgrade", "h2c")]);
+        assert!(!is_upgrade(&h));
+        let h = map(&[
+            ("connection", "keep-alive, Upgrade"),
+            ("upgrade", "WebSocket"),
+        ]);
+        assert!(is_upgrade(&h));
     }
 
     #[test]

@@ -22,12 +22,11 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper_util::server::graceful::GracefulShutdown;
 use outpost_config::{ConfigSource, Manifest, Report};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::listener::Bound;
+use crate::listener::{Bound, Drain};
 use crate::proxy::Shared;
 use crate::upstream::ClientCache;
 
@@ -78,7 +77,8 @@ pub fn check(manifest: &Manifest) -> Vec<String> {
 pub struct Gateway {
     shared: Arc<Shared>,
     stop: watch::Sender<bool>,
-    graceful: Arc<GracefulShutdown>,
+    done_tx: mpsc::Sender<()>,
+    done_rx: mpsc::Receiver<()>,
     tasks: Vec<JoinHandle<()>>,
     addresses: Vec<(Arc<str>, SocketAddr)>,
     shutdown: outpost_config::Shutdown,
@@ -95,10 +95,24 @@ impl Gateway {
             });
         }
         let clients = Arc::new(ClientCache::new(manifest.upstream.clone()));
+        let reserved_headers = manifest
+            .listeners
+            .iter()
+            .filter_map(|l| {
+                l.tls
+                    .as_ref()?
+                    .client_auth
+                    .as_ref()?
+                    .forward_thumbprint_header
+                    .as_deref()
+            })
+            .filter_map(|h| http::HeaderName::from_bytes(h.as_bytes()).ok())
+            .collect();
         let shared = Arc::new(Shared::new(
             manifest.limits.clone(),
             manifest.upstream.clone(),
             manifest.log.access_log,
+            reserved_headers,
         ));
         let ConfigSource::File(source) = &manifest.config;
         let snapshot = reload::load_file(&source.path, &clients).map_err(StartError::Config)?;
@@ -130,22 +144,22 @@ impl Gateway {
         }
 
         let (stop, stop_rx) = watch::channel(false);
-        let graceful = Arc::new(GracefulShutdown::new());
+        let (done_tx, done_rx) = mpsc::channel(1);
         let mut tasks = Vec::new();
         let mut addresses = Vec::new();
         for b in bound {
             tracing::info!(
-                listener = &*b.name,
+                listener = &**b.name(),
                 address = %b.local,
-                tls = manifest.listeners.iter().any(|l| *l.name == *b.name && l.tls.is_some()),
+                tls = manifest.listeners.iter().any(|l| *l.name == **b.name() && l.tls.is_some()),
                 "Listening."
             );
-            addresses.push((b.name.clone(), b.local));
-            tasks.push(tokio::spawn(b.serve(
-                shared.clone(),
-                stop_rx.clone(),
-                graceful.clone(),
-            )));
+            addresses.push((b.name().clone(), b.local));
+            let drain = Drain {
+                signal: stop_rx.clone(),
+                done: done_tx.clone(),
+            };
+            tasks.push(tokio::spawn(b.serve(shared.clone(), drain)));
         }
         tasks.push(tokio::spawn(reload::watch_file(
             shared.clone(),
@@ -157,7 +171,8 @@ impl Gateway {
         Ok(Gateway {
             shared,
             stop,
-            graceful,
+            done_tx,
+            done_rx,
             tasks,
             addresses,
             shutdown: manifest.shutdown.clone(),
@@ -186,13 +201,12 @@ impl Gateway {
         for t in self.tasks {
             let _ = t.await;
         }
-        let graceful = match Arc::try_unwrap(self.graceful) {
-            Ok(g) => g,
-            Err(_) => unreachable!("accept loops have ended and dropped their handles"),
-        };
+        // Every connection and tunnel holds a sender; the channel closes when the last ends.
+        drop(self.done_tx);
+        let mut done_rx = self.done_rx;
         let drained = tokio::time::timeout(
             Duration::from_millis(self.shutdown.drain_timeout_ms),
-            graceful.shutdown(),
+            done_rx.recv(),
         )
         .await
         .is_ok();

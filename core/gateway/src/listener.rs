@@ -1,7 +1,10 @@
 //! Listeners: accept loops, TLS handshakes (with a deadline), HTTP/1.1 and HTTP/2 (ALPN or
-//! h2c prior knowledge) served by hyper, each connection watched for graceful shutdown.
+//! h2c prior knowledge) served by hyper, each connection drained gracefully on shutdown.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,10 +12,9 @@ use http::HeaderName;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::Watcher;
 use outpost_config::{Limits, Listener};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 
 use crate::proxy::{self, ConnInfo, Shared};
@@ -20,15 +22,52 @@ use crate::tls::ClientCertificate;
 
 /// One bound listener, ready to serve.
 pub struct Bound {
-    /// Listener name.
-    pub name: Arc<str>,
+    tcp: TcpListener,
     /// The bound address (the real port when the manifest said 0).
     pub local: SocketAddr,
-    tcp: TcpListener,
+    conf: Arc<ListenerConf>,
+}
+
+/// What every connection of a listener needs. The listening socket itself is not here, so
+/// it closes as soon as accepting stops, while connections drain.
+struct ListenerConf {
+    name: Arc<str>,
     tls: Option<TlsAcceptor>,
     thumbprint_header: Option<HeaderName>,
-    http: Arc<auto::Builder<TokioExecutor>>,
+    http: HttpServer,
     handshake_timeout: Duration,
+    first_request_timeout: Duration,
+}
+
+enum HttpServer {
+    /// HTTP/1.1 and HTTP/2 (ALPN, or h2c by prior knowledge).
+    Auto(auto::Builder<TokioExecutor>),
+    /// HTTP/1.1 only (`http2 = false`).
+    Http1(hyper::server::conn::http1::Builder),
+}
+
+/// Tells connections to drain, and learns when they all have.
+pub struct Drain {
+    /// Turns true when shutdown begins.
+    pub signal: watch::Receiver<bool>,
+    /// Held by each connection (and tunnel); all dropped means all done.
+    pub done: mpsc::Sender<()>,
+}
+
+impl Drain {
+    /// Resolves once shutdown has begun.
+    pub async fn started(&mut self) {
+        let _ = self.signal.wait_for(|s| *s).await;
+    }
+}
+
+impl Clone for Drain {
+    fn clone(&self) -> Self {
+        Self {
+            signal: self.signal.clone(),
+            done: self.done.clone(),
+        }
+    }
 }
 
 impl Bound {
@@ -49,66 +88,79 @@ impl Bound {
             .and_then(|c| c.forward_thumbprint_header.as_deref())
             .map(|h| HeaderName::from_bytes(h.as_bytes()).expect("validated header name"));
         Ok(Bound {
-            name: cfg.name.as_str().into(),
-            local,
             tcp,
-            tls: tls.map(|c| TlsAcceptor::from(Arc::new(c))),
-            thumbprint_header,
-            http: Arc::new(http_builder(cfg, limits)),
-            handshake_timeout: Duration::from_millis(limits.tls_handshake_timeout_ms),
+            local,
+            conf: Arc::new(ListenerConf {
+                name: cfg.name.as_str().into(),
+                tls: tls.map(|c| TlsAcceptor::from(Arc::new(c))),
+                thumbprint_header,
+                http: http_server(cfg, limits),
+                handshake_timeout: Duration::from_millis(limits.tls_handshake_timeout_ms),
+                first_request_timeout: Duration::from_millis(limits.header_read_timeout_ms),
+            }),
         })
     }
 
-    /// Accepts until `stop` turns true. Each connection is watched by `watcher`'s shutdown.
-    pub async fn serve(
-        self,
-        shared: Arc<Shared>,
-        mut stop: watch::Receiver<bool>,
-        graceful: Arc<hyper_util::server::graceful::GracefulShutdown>,
-    ) {
-        let this = Arc::new(self);
+    /// The listener's name.
+    pub fn name(&self) -> &Arc<str> {
+        &self.conf.name
+    }
+
+    /// Accepts until the drain signal; connections then finish their current requests.
+    pub async fn serve(self, shared: Arc<Shared>, drain: Drain) {
+        let Bound { tcp, conf, .. } = self;
+        let mut stop = drain.clone();
         loop {
             let accepted = tokio::select! {
-                r = this.tcp.accept() => r,
-                _ = stop.wait_for(|s| *s) => break,
+                r = tcp.accept() => r,
+                _ = stop.started() => break,
             };
             let (stream, remote) = match accepted {
                 Ok(pair) => pair,
                 Err(e) => {
                     // Out of descriptors and the like: back off instead of spinning.
-                    tracing::warn!(listener = &*this.name, error = %e, "Accept failed.");
+                    tracing::warn!(listener = &*conf.name, error = %e, "Accept failed.");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             };
             let _ = stream.set_nodelay(true);
-            let watcher = graceful.watcher();
-            let this = this.clone();
+            // Dead peers (a client behind a NAT that dropped the mapping) are found by the
+            // kernel instead of pinning the connection forever.
+            let keepalive = socket2::TcpKeepalive::new()
+                .with_time(Duration::from_secs(60))
+                .with_interval(Duration::from_secs(10));
+            let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
+            let conf = conf.clone();
             let shared = shared.clone();
+            let drain = drain.clone();
             tokio::spawn(async move {
-                this.connection(stream, remote, shared, watcher).await;
+                conf.connection(stream, remote, shared, drain).await;
             });
         }
-        tracing::debug!(listener = &*this.name, "Stopped accepting.");
+        drop(tcp);
+        tracing::info!(listener = &*conf.name, "Stopped accepting.");
     }
+}
 
+impl ListenerConf {
     async fn connection(
         &self,
         stream: TcpStream,
         remote: SocketAddr,
         shared: Arc<Shared>,
-        watcher: Watcher,
+        drain: Drain,
     ) {
         match &self.tls {
             None => {
-                let info = Arc::new(ConnInfo {
-                    listener: self.name.clone(),
+                let info = ConnInfo::new(
+                    self.name.clone(),
                     remote,
-                    tls: false,
-                    client_cert: None,
-                    thumbprint_header: self.thumbprint_header.clone(),
-                });
-                self.http_conn(TokioIo::new(stream), info, shared, watcher)
+                    false,
+                    None,
+                    self.thumbprint_header.as_ref(),
+                );
+                self.http_conn(TokioIo::new(stream), info, shared, drain)
                     .await;
             }
             Some(acceptor) => {
@@ -133,51 +185,105 @@ impl Bound {
                     .1
                     .peer_certificates()
                     .and_then(ClientCertificate::from_chain);
-                let info = Arc::new(ConnInfo {
-                    listener: self.name.clone(),
+                let info = ConnInfo::new(
+                    self.name.clone(),
                     remote,
-                    tls: true,
+                    true,
                     client_cert,
-                    thumbprint_header: self.thumbprint_header.clone(),
-                });
-                self.http_conn(TokioIo::new(tls), info, shared, watcher)
+                    self.thumbprint_header.as_ref(),
+                );
+                self.http_conn(TokioIo::new(tls), info, shared, drain).await;
+            }
+        }
+    }
+
+    async fn http_conn<I>(&self, io: TokioIo<I>, info: ConnInfo, shared: Arc<Shared>, drain: Drain)
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let info = Arc::new(info);
+        let svc_info = info.clone();
+        let svc_drain = drain.clone();
+        let service = service_fn(move |req| {
+            proxy::handle(shared.clone(), svc_info.clone(), svc_drain.clone(), req)
+        });
+        match &self.http {
+            HttpServer::Auto(b) => {
+                let conn = b.serve_connection_with_upgrades(io, service);
+                tokio::pin!(conn);
+                self.drive(conn, |c| c.graceful_shutdown(), &info, drain)
+                    .await;
+            }
+            HttpServer::Http1(b) => {
+                let conn = b.serve_connection(io, service).with_upgrades();
+                tokio::pin!(conn);
+                self.drive(conn, |c| c.graceful_shutdown(), &info, drain)
                     .await;
             }
         }
     }
 
-    async fn http_conn<I>(
+    /// Runs a connection to its end: closed if no first request arrives in time, asked to
+    /// finish gracefully when the drain begins.
+    async fn drive<C, E>(
         &self,
-        io: TokioIo<I>,
-        info: Arc<ConnInfo>,
-        shared: Arc<Shared>,
-        watcher: Watcher,
+        mut conn: Pin<&mut C>,
+        graceful: impl Fn(Pin<&mut C>),
+        info: &ConnInfo,
+        mut drain: Drain,
     ) where
-        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+        C: Future<Output = Result<(), E>>,
+        E: std::fmt::Display,
     {
-        let service = service_fn(move |req| proxy::handle(shared.clone(), info.clone(), req));
-        let conn = self
-            .http
-            .serve_connection_with_upgrades(io, service)
-            .into_owned();
-        if let Err(e) = watcher.watch(conn).await {
-            tracing::debug!(listener = &*self.name, error = %e, "Connection ended with an error.");
+        let first = tokio::time::sleep(self.first_request_timeout);
+        tokio::pin!(first);
+        let mut waiting_first = true;
+        let mut draining = false;
+        loop {
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::debug!(listener = &*self.name, client = %info.remote, error = %e, "Connection ended with an error.");
+                    }
+                    break;
+                }
+                _ = &mut first, if waiting_first => {
+                    waiting_first = false;
+                    if !info.served.load(Ordering::Relaxed) {
+                        tracing::debug!(listener = &*self.name, client = %info.remote, "No request in time; closing.");
+                        break;
+                    }
+                }
+                _ = drain.started(), if !draining => {
+                    draining = true;
+                    graceful(conn.as_mut());
+                }
+            }
         }
+        drop(drain.done);
     }
 }
 
-fn http_builder(cfg: &Listener, limits: &Limits) -> auto::Builder<TokioExecutor> {
+fn http_server(cfg: &Listener, limits: &Limits) -> HttpServer {
+    let header_timeout = Duration::from_millis(limits.header_read_timeout_ms);
+    let max_buf = (limits.max_header_bytes + 4096).max(64 * 1024);
+    if !cfg.http2 {
+        let mut b = hyper::server::conn::http1::Builder::new();
+        b.timer(TokioTimer::new())
+            .header_read_timeout(header_timeout)
+            .max_buf_size(max_buf);
+        return HttpServer::Http1(b);
+    }
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_millis(limits.header_read_timeout_ms))
-        .max_buf_size((limits.max_header_bytes + 4096).max(64 * 1024));
+        .header_read_timeout(header_timeout)
+        .max_buf_size(max_buf);
     b.http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(limits.http2_max_concurrent_streams)
-        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
-    if !cfg.http2 {
-        b = b.http1_only();
-    }
-    b
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(20));
+    HttpServer::Auto(b)
 }

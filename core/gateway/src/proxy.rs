@@ -1,6 +1,7 @@
 //! The request path: health endpoints, limits, routing, subscription check, forwarding
 //! (streamed, upgrades included) and mapping every failure to an answer.
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::error::Error as StdError;
 use std::net::SocketAddr;
@@ -11,15 +12,17 @@ use std::time::Duration;
 use arc_swap::ArcSwapOption;
 use http::header::{self, HeaderValue};
 use http::uri::PathAndQuery;
-use http::{HeaderName, Request, Response, StatusCode, Uri, Version};
+use http::{HeaderName, Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use outpost_config::{Limits, Upstream};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::body::{Progress, RequestBody, RequestBodyError, ResponseBody};
+use crate::body::{BodyState, Progress, RequestBody, RequestBodyError, ResponseBody};
 use crate::error::ProxyError;
 use crate::headers;
 use crate::health;
+use crate::listener::Drain;
 use crate::router::match_operation;
 use crate::snapshot::Snapshot;
 use crate::tls::ClientCertificate;
@@ -37,17 +40,26 @@ pub struct Shared {
     pub upstream: Upstream,
     /// Log one line per request.
     pub access_log: bool,
+    /// Headers only the gateway may set (client-certificate thumbprints of any listener):
+    /// removed from every request before forwarding.
+    pub reserved_headers: Vec<HeaderName>,
 }
 
 impl Shared {
     /// State for a process with these settings and no configuration yet.
-    pub fn new(limits: Limits, upstream: Upstream, access_log: bool) -> Self {
+    pub fn new(
+        limits: Limits,
+        upstream: Upstream,
+        access_log: bool,
+        reserved_headers: Vec<HeaderName>,
+    ) -> Self {
         Self {
             snapshot: ArcSwapOption::empty(),
             draining: AtomicBool::new(false),
             limits,
             upstream,
             access_log,
+            reserved_headers,
         }
     }
 }
@@ -63,16 +75,49 @@ pub struct ConnInfo {
     pub tls: bool,
     /// The client certificate, when the listener asks for one and the client sent it.
     pub client_cert: Option<ClientCertificate>,
-    /// Header that carries the certificate thumbprint to backends.
-    pub thumbprint_header: Option<HeaderName>,
+    /// Header and value that carry the certificate thumbprint to backends.
+    pub thumbprint: Option<(HeaderName, HeaderValue)>,
+    /// The forwarding headers' share of this connection, formatted once.
+    pub forwarded: headers::ForwardedFor,
+    /// Set once the connection has sent a request.
+    pub served: AtomicBool,
+}
+
+impl ConnInfo {
+    /// Describes a new connection.
+    pub fn new(
+        listener: Arc<str>,
+        remote: SocketAddr,
+        tls: bool,
+        client_cert: Option<ClientCertificate>,
+        thumbprint_header: Option<&HeaderName>,
+    ) -> Self {
+        let thumbprint = match (thumbprint_header, &client_cert) {
+            (Some(name), Some(cert)) => HeaderValue::from_str(&cert.thumbprint_sha256)
+                .ok()
+                .map(|v| (name.clone(), v)),
+            _ => None,
+        };
+        Self {
+            listener,
+            remote,
+            tls,
+            client_cert,
+            thumbprint,
+            forwarded: headers::ForwardedFor::new(remote.ip(), tls),
+            served: AtomicBool::new(false),
+        }
+    }
 }
 
 /// Serves one request. Never fails: every error becomes an answer.
 pub async fn handle(
     shared: Arc<Shared>,
     conn: Arc<ConnInfo>,
+    drain: Drain,
     req: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Infallible> {
+    conn.served.store(true, Ordering::Relaxed);
     let started = tokio::time::Instant::now();
     let request_id = headers::request_id(req.headers());
     let method = req.method().clone();
@@ -80,7 +125,7 @@ pub async fn handle(
     let log_path = shared.access_log.then(|| req.uri().path().to_owned());
     let mut ids = RouteIds::default();
 
-    let mut resp = match serve(&shared, &conn, req, &request_id, &mut ids).await {
+    let mut resp = match serve(&shared, &conn, &drain, req, &request_id, &mut ids).await {
         Ok(resp) => resp,
         Err(e) => {
             match e.source() {
@@ -134,12 +179,21 @@ struct RouteIds {
 async fn serve(
     shared: &Shared,
     conn: &ConnInfo,
+    drain: &Drain,
     mut req: Request<Incoming>,
     request_id: &HeaderValue,
     ids: &mut RouteIds,
 ) -> Result<Response<ResponseBody>, ProxyError> {
     if let Some(resp) = health::answer(shared, req.uri().path()) {
         return Ok(resp);
+    }
+    if req.method() == Method::CONNECT || !req.uri().path().starts_with('/') {
+        return Err(ProxyError::BadRequest(
+            "CONNECT and asterisk-form requests are not proxied".into(),
+        ));
+    }
+    if let Some(why) = unsafe_path(req.uri().path()) {
+        return Err(ProxyError::BadRequest(why.into()));
     }
 
     let limits = &shared.limits;
@@ -186,23 +240,20 @@ async fn serve(
     };
     ids.operation = Some(op.id.clone());
 
-    // Subscription: header first, then query parameter, as APIM.
-    let mut strip_query_key = false;
+    // Subscription: header first, then query parameter, as APIM. Either way the key is
+    // removed from what the backend sees.
+    let query_key = api.subscription_required
+        && req
+            .uri()
+            .query()
+            .is_some_and(|q| query_param(q, &api.key_query).is_some());
     if api.subscription_required {
-        let from_header = req
-            .headers()
-            .get(&api.key_header)
-            .map(|v| v.to_str().map_err(|_| ProxyError::InvalidSubscriptionKey));
-        let key = match from_header {
-            Some(k) => Some(k?),
-            None => {
-                let k = req
-                    .uri()
-                    .query()
-                    .and_then(|q| query_param(q, &api.key_query));
-                strip_query_key = k.is_some();
-                k
-            }
+        let key = match req.headers().get(&api.key_header) {
+            Some(v) => Some(v.to_str().map_err(|_| ProxyError::InvalidSubscriptionKey)?),
+            None => req
+                .uri()
+                .query()
+                .and_then(|q| query_param(q, &api.key_query)),
         };
         let key = key.ok_or(ProxyError::MissingSubscriptionKey)?;
         let sub_idx = *snapshot
@@ -222,11 +273,11 @@ async fn serve(
     // The backend request.
     let backend = &api.backend;
     let target = backend.pick();
-    let query = req.uri().query().map(|q| {
-        if strip_query_key {
-            without_param(q, &api.key_query)
+    let query: Option<Cow<'_, str>> = req.uri().query().map(|q| {
+        if query_key {
+            Cow::Owned(without_param(q, &api.key_query))
         } else {
-            q.to_owned()
+            Cow::Borrowed(q)
         }
     });
     let mut pq = String::with_capacity(
@@ -251,7 +302,8 @@ async fn serve(
         .build()
         .map_err(|e| ProxyError::BadRequest(e.to_string()))?;
 
-    let upgrade = req.version() == Version::HTTP_11 && headers::is_upgrade(req.headers());
+    let downstream_version = req.version();
+    let upgrade = downstream_version == Version::HTTP_11 && headers::is_upgrade(req.headers());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
 
     let (mut parts, body) = req.into_parts();
@@ -272,24 +324,25 @@ async fn serve(
     } else {
         h.remove(header::HOST);
     }
-    headers::add_forwarded(h, conn.remote.ip(), conn.tls, original_host.as_deref());
+    if downstream_version == Version::HTTP_2 {
+        join_cookies(h);
+    }
+    headers::add_forwarded(h, &conn.forwarded, original_host.as_deref());
     h.insert(&headers::X_REQUEST_ID, request_id.clone());
     headers::propagate_traceparent(h);
-    if let Some(name) = &conn.thumbprint_header {
-        // Never trust a client-supplied thumbprint.
+    // Never trust a client-supplied thumbprint, whichever listener it came through.
+    for name in &shared.reserved_headers {
         h.remove(name);
-        if let Some(cert) = &conn.client_cert {
-            if let Ok(v) = HeaderValue::from_str(&cert.thumbprint_sha256) {
-                h.insert(name.clone(), v);
-            }
-        }
+    }
+    if let Some((name, value)) = &conn.thumbprint {
+        h.insert(name.clone(), value.clone());
     }
 
     let has_body = !http_body::Body::is_end_stream(&body);
-    if has_body && !parts.headers.contains_key(header::CONTENT_LENGTH) {
+    if has_body && !h.contains_key(header::CONTENT_LENGTH) {
         // A body of unknown length (chunked, or HTTP/2 without a length). Say so explicitly:
         // on GET/HEAD the HTTP/1.1 client would otherwise assume there is none and drop it.
-        parts.headers.insert(
+        h.insert(
             header::TRANSFER_ENCODING,
             HeaderValue::from_static("chunked"),
         );
@@ -300,7 +353,7 @@ async fn serve(
 
     let timeout = Duration::from_millis(shared.upstream.response_header_timeout_ms);
     let sent = backend.client.request(upstream_req);
-    let result = match progress {
+    let result = match &progress {
         None => tokio::time::timeout(timeout, sent).await.map_err(|_| ()),
         Some(progress) => {
             // The deadline moves while the upload moves.
@@ -318,24 +371,42 @@ async fn serve(
             }
         }
     };
+    // What happened to the request body decides who is to blame, whatever the client says.
+    let body_state = progress.as_ref().map(|p| p.state());
     let mut resp = match result {
+        Err(()) if body_state == Some(BodyState::Streaming) => {
+            return Err(ProxyError::RequestTimeout)
+        }
         Err(()) => {
             return Err(ProxyError::BackendTimeout {
                 backend: backend.id.to_string(),
                 phase: "response headers",
             })
         }
-        Ok(Err(e)) => return Err(classify(&backend.id, &e)),
+        Ok(Err(e)) => {
+            return Err(match (body_state, shared.limits.max_body_bytes) {
+                (Some(BodyState::TooLarge), Some(limit)) => ProxyError::BodyTooLarge { limit },
+                (Some(BodyState::ClientFailed), _) => {
+                    ProxyError::BadRequest("the request body could not be read".into())
+                }
+                _ => classify(&backend.id, &e),
+            })
+        }
         Ok(Ok(resp)) => resp,
     };
 
     let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+    if resp.headers().contains_key(header::TRANSFER_ENCODING) {
+        // RFC 9112 §6.3: Transfer-Encoding overrides Content-Length; never pass on both.
+        resp.headers_mut().remove(header::CONTENT_LENGTH);
+    }
     headers::remove_hop_by_hop(resp.headers_mut(), switching && upgrade);
     if switching {
         match client_upgrade {
             Some(client_upgrade) => {
                 let backend_upgrade = hyper::upgrade::on(&mut resp);
-                tokio::spawn(tunnel(client_upgrade, backend_upgrade));
+                let idle = Duration::from_millis(shared.upstream.tunnel_idle_timeout_ms);
+                tokio::spawn(tunnel(client_upgrade, backend_upgrade, idle, drain.clone()));
             }
             None => {
                 return Err(ProxyError::BackendFailed {
@@ -348,8 +419,77 @@ async fn serve(
     Ok(resp.map(|inner| ResponseBody::Upstream { inner }))
 }
 
-/// Copies bytes both ways between an upgraded client and backend connection.
-async fn tunnel(client: hyper::upgrade::OnUpgrade, backend: hyper::upgrade::OnUpgrade) {
+/// Why a request path is refused, if it is: dot segments (plain or percent-encoded) and
+/// encoded slashes or backslashes could take the backend outside the API's prefix after the
+/// gateway routed and authorised the request on the raw path.
+fn unsafe_path(path: &str) -> Option<&'static str> {
+    let bytes = path.as_bytes();
+    if !bytes.iter().any(|b| matches!(b, b'.' | b'%' | b'\\')) {
+        return None;
+    }
+    if bytes.contains(&b'\\') {
+        return Some("backslashes are not allowed in the path");
+    }
+    for segment in path.split('/') {
+        let mut dots = 0;
+        let mut rest = segment.as_bytes();
+        let mut only_dots = true;
+        while !rest.is_empty() {
+            if rest[0] == b'.' {
+                dots += 1;
+                rest = &rest[1..];
+            } else if rest.len() >= 3
+                && rest[0] == b'%'
+                && rest[1] == b'2'
+                && matches!(rest[2], b'e' | b'E')
+            {
+                dots += 1;
+                rest = &rest[3..];
+            } else {
+                only_dots = false;
+                break;
+            }
+        }
+        if only_dots && (dots == 1 || dots == 2) {
+            return Some("dot segments are not allowed in the path");
+        }
+        let lower = segment.as_bytes().windows(3).any(|w| {
+            w[0] == b'%'
+                && (w[1] == b'2' && matches!(w[2], b'f' | b'F')
+                    || w[1] == b'5' && matches!(w[2], b'c' | b'C'))
+        });
+        if lower {
+            return Some("encoded slashes are not allowed in the path");
+        }
+    }
+    None
+}
+
+/// HTTP/2 clients may split `Cookie` into several fields; an HTTP/1.1 backend must get one
+/// (RFC 9113 §8.2.3).
+fn join_cookies(h: &mut http::HeaderMap) {
+    let mut all = h.get_all(header::COOKIE).iter();
+    if all.nth(1).is_none() {
+        return;
+    }
+    let joined: Vec<&[u8]> = h
+        .get_all(header::COOKIE)
+        .iter()
+        .map(|v| v.as_bytes())
+        .collect();
+    if let Ok(v) = HeaderValue::from_bytes(&joined.join(&b"; "[..])) {
+        h.insert(header::COOKIE, v);
+    }
+}
+
+/// Copies bytes both ways between an upgraded client and backend connection, closing both
+/// when neither side has sent anything for `idle`, or when the gateway drains.
+async fn tunnel(
+    client: hyper::upgrade::OnUpgrade,
+    backend: hyper::upgrade::OnUpgrade,
+    idle: Duration,
+    mut drain: Drain,
+) {
     let (client, backend) = match tokio::try_join!(client, backend) {
         Ok(pair) => pair,
         Err(e) => {
@@ -359,8 +499,27 @@ async fn tunnel(client: hyper::upgrade::OnUpgrade, backend: hyper::upgrade::OnUp
     };
     let mut client = TokioIo::new(client);
     let mut backend = TokioIo::new(backend);
-    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut backend).await {
-        tracing::debug!(error = %e, "Upgraded connection ended with an error.");
+    let (mut cr, mut cw) = tokio::io::split(&mut client);
+    let (mut br, mut bw) = tokio::io::split(&mut backend);
+    let mut up = [0u8; 16 * 1024];
+    let mut down = [0u8; 16 * 1024];
+    let (mut up_open, mut down_open) = (true, true);
+    while up_open || down_open {
+        tokio::select! {
+            r = cr.read(&mut up), if up_open => match r {
+                Ok(0) | Err(_) => { up_open = false; let _ = bw.shutdown().await; }
+                Ok(n) => if bw.write_all(&up[..n]).await.is_err() { break },
+            },
+            r = br.read(&mut down), if down_open => match r {
+                Ok(0) | Err(_) => { down_open = false; let _ = cw.shutdown().await; }
+                Ok(n) => if cw.write_all(&down[..n]).await.is_err() { break },
+            },
+            _ = tokio::time::sleep(idle) => {
+                tracing::debug!(idle_ms = idle.as_millis() as u64, "Closing an idle upgraded connection.");
+                break;
+            }
+            _ = drain.started() => break,
+        }
     }
 }
 
@@ -400,7 +559,7 @@ fn classify(backend: &str, e: &hyper_util::client::legacy::Error) -> ProxyError 
             };
         }
         if let Some(io) = s.downcast_ref::<std::io::Error>() {
-            if io.kind() == std::io::ErrorKind::TimedOut {
+            if e.is_connect() && io.kind() == std::io::ErrorKind::TimedOut {
                 return ProxyError::BackendTimeout {
                     backend: backend.to_owned(),
                     phase: "connect",
@@ -442,6 +601,43 @@ pub fn is_draining(shared: &Shared) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn paths_that_could_escape_the_prefix_are_refused() {
+        for bad in [
+            "/public/../admin",
+            "/public/%2e%2e/admin",
+            "/public/%2E./admin",
+            "/public/./x",
+            "/public/..",
+            "/a%2fb",
+            "/a%5Cb",
+            "/a\\b",
+        ] {
+            assert!(unsafe_path(bad).is_some(), "{bad}");
+        }
+        for good in [
+            "/",
+            "/a/b.json",
+            "/a/...",
+            "/v1.2/x",
+            "/a%20b",
+            "/.well-known/x",
+            "/a/..b",
+        ] {
+            assert_eq!(unsafe_path(good), None, "{good}");
+        }
+    }
+
+    #[test]
+    fn split_cookies_are_joined() {
+        let mut h = http::HeaderMap::new();
+        h.append(header::COOKIE, HeaderValue::from_static("a=1"));
+        h.append(header::COOKIE, HeaderValue::from_static("b=2"));
+        join_cookies(&mut h);
+        assert_eq!(h.get_all(header::COOKIE).iter().count(), 1);
+        assert_eq!(h[header::COOKIE], "a=1; b=2");
+    }
 
     #[test]
     fn query_helpers() {

@@ -10,9 +10,17 @@ use outpost_config::template::UrlTemplate;
 #[derive(Debug, Default)]
 struct PrefixTable {
     by_prefix: HashMap<Box<str>, usize>,
+    /// Length of the longest prefix: lookups start there, so a long path costs one probe per
+    /// segment within that length, not one per segment of the whole path.
+    max_len: usize,
 }
 
 impl PrefixTable {
+    fn insert(&mut self, prefix: &str, api: usize) {
+        self.max_len = self.max_len.max(prefix.len());
+        self.by_prefix.insert(prefix.into(), api);
+    }
+
     /// Longest prefix of `path` that is an API path, on a segment boundary. Returns the API and
     /// the rest of the path (starting with `/`, or empty).
     fn lookup<'p>(&self, path: &'p str) -> Option<(usize, &'p str)> {
@@ -20,6 +28,16 @@ impl PrefixTable {
             return None;
         }
         let mut end = path.len();
+        if end > self.max_len {
+            // Start at the last segment boundary within the longest prefix.
+            end = match path.as_bytes().get(self.max_len) {
+                Some(b'/') => self.max_len,
+                _ => path
+                    .get(..self.max_len)
+                    .and_then(|p| p.rfind('/'))
+                    .unwrap_or(0),
+            };
+        }
         loop {
             let prefix = &path[..end];
             if let Some(&api) = self.by_prefix.get(prefix) {
@@ -47,7 +65,7 @@ impl Router {
     /// any host).
     pub fn add(&mut self, hosts: &[String], prefix: &str, api: usize) {
         if hosts.is_empty() {
-            self.any_host.by_prefix.insert(prefix.into(), api);
+            self.any_host.insert(prefix, api);
         }
         for host in hosts {
             let host = host.to_ascii_lowercase();
@@ -69,7 +87,7 @@ impl Router {
             } else {
                 self.exact.entry(host.into()).or_default()
             };
-            table.by_prefix.insert(prefix.into(), api);
+            table.insert(prefix, api);
         }
     }
 
@@ -147,6 +165,21 @@ mod tests {
         r.add(&["api.example.com".into()], "/orders", 3);
         r.add(&["*.example.com".into()], "/orders", 4);
         r
+    }
+
+    #[test]
+    fn long_paths_start_at_the_longest_prefix() {
+        let r = router();
+        let long = format!("/orders/archive{}", "/".repeat(30_000));
+        assert_eq!(r.route(None, &long).map(|(a, _)| a), Some(2));
+        let long = "/x".repeat(10_000);
+        assert_eq!(r.route(None, &long).map(|(a, _)| a), Some(0));
+        // The boundary right at the longest prefix's length.
+        assert_eq!(r.route(None, "/orders/archive/"), Some((2, "/")));
+        assert_eq!(
+            r.route(None, "/orders/archivex/1"),
+            Some((1, "/archivex/1"))
+        );
     }
 
     #[test]
