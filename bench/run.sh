@@ -6,6 +6,7 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 DURATION=${BENCH_DURATION:-10s}
 WARMUP=${BENCH_WARMUP:-2s}
 CONNECTIONS=${BENCH_CONNECTIONS:-64}
+ROUNDS=${BENCH_ROUNDS:-3} # nginx and outpost alternate; the report gives each metric's median
 ONLY_NGINX=${BENCH_ONLY_NGINX:-0}
 OUTPOST_BIN_SET=${OUTPOST_BIN:-}
 OUTPOST_BIN=${OUTPOST_BIN:-$REPO/target/release/outpost}
@@ -156,7 +157,7 @@ type = "file"
 path = "api.json"
 watch_interval_ms = 0
 EOF
-  taskset -c "$PROXY_CPU" "$OUTPOST_BIN" run --manifest "$dir/outpost.toml" >"$dir/outpost.log" 2>&1 &
+  taskset -c "$PROXY_CPU" env ${OUTPOST_ENV:-} "$OUTPOST_BIN" run --manifest "$dir/outpost.toml" >"$dir/outpost.log" 2>&1 &
   STARTED+=($!)
   PORT[$name]=$port
   PID[$name]=$!
@@ -247,18 +248,20 @@ measure_proxy() {
 
   requests=$(awk '/ requests in / { print $1 }' "$out")
   [[ -n $requests && $requests -gt 0 ]] || { cat "$out" >&2; die "$name $3: wrk completed no requests"; }
-  RPS[$key]=$(awk '/^Requests\/sec:/ { printf "%.0f", $2 }' "$out")
-  P50[$key]=$(to_ms "$(awk '$1 == "50%" { print $2 }' "$out")")
-  P99[$key]=$(to_ms "$(awk '$1 == "99%" { print $2 }' "$out")")
-  CPU_US[$key]=$(awk -v d=$((c1 - c0)) -v hz="$CLK_TCK" -v n="$requests" 'BEGIN { printf "%.2f", d / hz * 1e6 / n }')
-  CPU_PCT[$key]=$(awk -v d=$((c1 - c0)) -v hz="$CLK_TCK" -v t0="$t0" -v t1="$t1" 'BEGIN { printf "%.0f", d / hz / (t1 - t0) * 100 }')
+  RPS[$key]+="$(awk '/^Requests\/sec:/ { printf "%.0f", $2 }' "$out") "
+  P50[$key]+="$(to_ms "$(awk '$1 == "50%" { print $2 }' "$out")") "
+  P99[$key]+="$(to_ms "$(awk '$1 == "99%" { print $2 }' "$out")") "
+  CPU_US[$key]+="$(awk -v d=$((c1 - c0)) -v hz="$CLK_TCK" -v n="$requests" 'BEGIN { printf "%.2f", d / hz * 1e6 / n }') "
+  CPU_PCT[$key]+="$(awk -v d=$((c1 - c0)) -v hz="$CLK_TCK" -v t0="$t0" -v t1="$t1" 'BEGIN { printf "%.0f", d / hz / (t1 - t0) * 100 }') "
   # Both lines are printed only when non-zero.
-  ERRORS[$key]=$(awk '
+  local errors
+  errors=$(awk '
     /^ *Non-2xx or 3xx responses:/ { n += $NF }
     /^ *Socket errors:/ { for (i = 4; i <= NF; i += 2) n += $i }
     END { print n + 0 }' "$out")
-  if [[ ${ERRORS[$key]} != 0 ]]; then
-    echo "bench: $name $3: ${ERRORS[$key]} errors" >&2
+  ERRORS[$key]=$((${ERRORS[$key]:-0} + errors))
+  if [[ $errors != 0 ]]; then
+    echo "bench: $name $3: $errors errors" >&2
     cat "$out" >&2
     FAILED+=("$name $3")
   fi
@@ -270,27 +273,41 @@ for size in "${SIZES[@]}"; do
     got=$(curl -fsS -o /dev/null -w '%{size_download}' "http://127.0.0.1:${PORT[$name]}/bench/$size") ||
       die "$name: GET /bench/$size failed"
     [[ $got == "${SIZE_BYTES[$size]}" ]] || die "$name: /bench/$size returned $got bytes, expected ${SIZE_BYTES[$size]}"
-    echo "bench: $name /bench/$size ($DURATION, $CONNECTIONS connections)" >&2
-    measure_proxy "$name" "${PORT[$name]}" "/bench/$size"
+  done
+  for ((round = 1; round <= ROUNDS; round++)); do
+    for name in "${VARIANTS[@]}"; do
+      echo "bench: $name /bench/$size round $round/$ROUNDS ($DURATION, $CONNECTIONS connections)" >&2
+      measure_proxy "$name" "${PORT[$name]}" "/bench/$size"
+    done
   done
 done
 
 # --- report -----------------------------------------------------------------
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }'; }
+# med "v1 v2 …": the median.
+med() { tr ' ' '\n' <<<"$1" | awk 'NF' | sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+# ratios "a1 a2 …" "b1 b2 …": each round's a/b, for showing the spread.
+ratios() { paste -d' ' <(tr ' ' '\n' <<<"$1" | awk 'NF') <(tr ' ' '\n' <<<"$2" | awk 'NF') | awk '{ printf "%s%.2f", (NR > 1 ? " " : ""), $1 / $2 }'; }
 
 report() {
   local size name k b
   echo "## Outpost vs nginx reverse proxy"
   echo
-  echo "| proxy | size | req/s | p50 ms | p99 ms | CPU µs/req | proxy CPU % | req/s ×nginx | p50 ×nginx | p99 ×nginx | CPU ×nginx | errors |"
-  echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+  echo "Medians of $ROUNDS alternating rounds; the last column shows each round's CPU ratio."
+  echo
+  echo "| proxy | size | req/s | p50 ms | p99 ms | CPU µs/req | proxy CPU % | req/s ×nginx | p50 ×nginx | p99 ×nginx | CPU ×nginx | errors | CPU ×nginx per round |"
+  echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+  local r p50 p99 cpu pct br bp50 bp99 bcpu
   for size in "${SIZES[@]}"; do
     b="nginx|/bench/$size"
+    br=$(med "${RPS[$b]}"); bp50=$(med "${P50[$b]}"); bp99=$(med "${P99[$b]}"); bcpu=$(med "${CPU_US[$b]}")
     for name in "${VARIANTS[@]}"; do
       k="$name|/bench/$size"
-      echo "| $name | $size | ${RPS[$k]} | ${P50[$k]} | ${P99[$k]} | ${CPU_US[$k]} | ${CPU_PCT[$k]} |" \
-        "$(ratio "${RPS[$k]}" "${RPS[$b]}") | $(ratio "${P50[$k]}" "${P50[$b]}") |" \
-        "$(ratio "${P99[$k]}" "${P99[$b]}") | $(ratio "${CPU_US[$k]}" "${CPU_US[$b]}") | ${ERRORS[$k]} |"
+      r=$(med "${RPS[$k]}"); p50=$(med "${P50[$k]}"); p99=$(med "${P99[$k]}")
+      cpu=$(med "${CPU_US[$k]}"); pct=$(med "${CPU_PCT[$k]}")
+      echo "| $name | $size | $r | $p50 | $p99 | $cpu | $pct |" \
+        "$(ratio "$r" "$br") | $(ratio "$p50" "$bp50") |" \
+        "$(ratio "$p99" "$bp99") | $(ratio "$cpu" "$bcpu") | ${ERRORS[$k]} | $(ratios "${CPU_US[$k]}" "${CPU_US[$b]}") |"
     done
   done
   echo

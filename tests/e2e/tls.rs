@@ -284,6 +284,9 @@ async fn backends_over_tls_with_custom_ca_and_client_certificate() {
     let r = c.get(gw.url("/tls/whoami")).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.json::<Value>().await.unwrap()["client_cert"], true);
+    // HTTP/2 is negotiated only with backends configured for it.
+    let r = c.get(gw.url("/tls/echo")).send().await.unwrap();
+    assert_eq!(r.json::<Value>().await.unwrap()["version"], "HTTP/1.1");
     let r = c.get(gw.url("/tls-h2/echo")).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.json::<Value>().await.unwrap()["version"], "HTTP/2.0");

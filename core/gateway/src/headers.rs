@@ -129,7 +129,7 @@ pub fn add_forwarded(headers: &mut HeaderMap, conn: &ForwardedFor, host: Option<
     match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(prev) if !prev.trim().is_empty() => {
             let xff = format!("{prev}, {}", conn.element_ip());
-            if let Ok(v) = HeaderValue::from_str(&xff) {
+            if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(xff)) {
                 headers.insert(&X_FORWARDED_FOR, v);
             }
         }
@@ -160,7 +160,8 @@ pub fn add_forwarded(headers: &mut HeaderMap, conn: &ForwardedFor, host: Option<
         forwarded.push_str(host);
         forwarded.push('"');
     }
-    if let Ok(v) = HeaderValue::from_str(&forwarded) {
+    // The string becomes the header's storage: no copy.
+    if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(forwarded)) {
         headers.insert(&FORWARDED, v);
     }
 }

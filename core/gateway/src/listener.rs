@@ -47,6 +47,7 @@ enum HttpServer {
 }
 
 /// Tells connections to drain, and learns when they all have.
+#[derive(Debug)]
 pub struct Drain {
     /// Turns true when shutdown begins.
     pub signal: watch::Receiver<bool>,
@@ -159,9 +160,9 @@ impl ListenerConf {
                     false,
                     None,
                     self.thumbprint_header.as_ref(),
+                    drain,
                 );
-                self.http_conn(TokioIo::new(stream), info, shared, drain)
-                    .await;
+                self.http_conn(TokioIo::new(stream), info, shared).await;
             }
             Some(acceptor) => {
                 let tls = match tokio::time::timeout(
@@ -191,22 +192,21 @@ impl ListenerConf {
                     true,
                     client_cert,
                     self.thumbprint_header.as_ref(),
+                    drain,
                 );
-                self.http_conn(TokioIo::new(tls), info, shared, drain).await;
+                self.http_conn(TokioIo::new(tls), info, shared).await;
             }
         }
     }
 
-    async fn http_conn<I>(&self, io: TokioIo<I>, info: ConnInfo, shared: Arc<Shared>, drain: Drain)
+    async fn http_conn<I>(&self, io: TokioIo<I>, info: ConnInfo, shared: Arc<Shared>)
     where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
+        let drain = info.drain.clone();
         let info = Arc::new(info);
         let svc_info = info.clone();
-        let svc_drain = drain.clone();
-        let service = service_fn(move |req| {
-            proxy::handle(shared.clone(), svc_info.clone(), svc_drain.clone(), req)
-        });
+        let service = service_fn(move |req| proxy::handle(shared.clone(), svc_info.clone(), req));
         match &self.http {
             HttpServer::Auto(b) => {
                 let conn = b.serve_connection_with_upgrades(io, service);

@@ -81,6 +81,8 @@ pub struct ConnInfo {
     pub forwarded: headers::ForwardedFor,
     /// Set once the connection has sent a request.
     pub served: AtomicBool,
+    /// The shutdown signal, for tunnels that outlive their request.
+    pub drain: Drain,
 }
 
 impl ConnInfo {
@@ -91,6 +93,7 @@ impl ConnInfo {
         tls: bool,
         client_cert: Option<ClientCertificate>,
         thumbprint_header: Option<&HeaderName>,
+        drain: Drain,
     ) -> Self {
         let thumbprint = match (thumbprint_header, &client_cert) {
             (Some(name), Some(cert)) => HeaderValue::from_str(&cert.thumbprint_sha256)
@@ -106,6 +109,7 @@ impl ConnInfo {
             thumbprint,
             forwarded: headers::ForwardedFor::new(remote.ip(), tls),
             served: AtomicBool::new(false),
+            drain,
         }
     }
 }
@@ -114,7 +118,6 @@ impl ConnInfo {
 pub async fn handle(
     shared: Arc<Shared>,
     conn: Arc<ConnInfo>,
-    drain: Drain,
     req: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Infallible> {
     conn.served.store(true, Ordering::Relaxed);
@@ -125,7 +128,7 @@ pub async fn handle(
     let log_path = shared.access_log.then(|| req.uri().path().to_owned());
     let mut ids = RouteIds::default();
 
-    let mut resp = match serve(&shared, &conn, &drain, req, &request_id, &mut ids).await {
+    let mut resp = match serve(&shared, &conn, req, &request_id, &mut ids).await {
         Ok(resp) => resp,
         Err(e) => {
             match e.source() {
@@ -179,7 +182,6 @@ struct RouteIds {
 async fn serve(
     shared: &Shared,
     conn: &ConnInfo,
-    drain: &Drain,
     mut req: Request<Incoming>,
     request_id: &HeaderValue,
     ids: &mut RouteIds,
@@ -216,11 +218,13 @@ async fn serve(
 
     let snapshot = shared.snapshot.load_full().ok_or(ProxyError::NotReady)?;
 
-    let host = req.uri().authority().map(|a| a.as_str()).or_else(|| {
-        req.headers()
-            .get(header::HOST)
-            .and_then(|v| v.to_str().ok())
-    });
+    // The Host as a header value: for HTTP/1.1 a cheap reference-counted copy of what the
+    // client sent, reused for routing, forwarding headers and `preserve_host`.
+    let host_value = match req.uri().authority() {
+        Some(a) => HeaderValue::from_str(a.as_str()).ok(),
+        None => req.headers().get(header::HOST).cloned(),
+    };
+    let host = host_value.as_ref().and_then(|v| v.to_str().ok());
     let path = req.uri().path();
     let Some((api_idx, rest)) = snapshot.router.route(host, path) else {
         return Err(ProxyError::ApiNotFound {
@@ -292,7 +296,6 @@ async fn serve(
         pq.push('?');
         pq.push_str(q);
     }
-    let original_host = host.map(str::to_owned);
     let uri = Uri::builder()
         .scheme(target.scheme.clone())
         .authority(target.authority.clone())
@@ -315,11 +318,8 @@ async fn serve(
         h.remove(&api.key_header);
     }
     if backend.preserve_host {
-        if let Some(v) = original_host
-            .as_deref()
-            .and_then(|v| HeaderValue::from_str(v).ok())
-        {
-            h.insert(header::HOST, v);
+        if let Some(v) = &host_value {
+            h.insert(header::HOST, v.clone());
         }
     } else {
         h.remove(header::HOST);
@@ -327,7 +327,7 @@ async fn serve(
     if downstream_version == Version::HTTP_2 {
         join_cookies(h);
     }
-    headers::add_forwarded(h, &conn.forwarded, original_host.as_deref());
+    headers::add_forwarded(h, &conn.forwarded, host);
     h.insert(&headers::X_REQUEST_ID, request_id.clone());
     headers::propagate_traceparent(h);
     // Never trust a client-supplied thumbprint, whichever listener it came through.
@@ -406,7 +406,12 @@ async fn serve(
             Some(client_upgrade) => {
                 let backend_upgrade = hyper::upgrade::on(&mut resp);
                 let idle = Duration::from_millis(shared.upstream.tunnel_idle_timeout_ms);
-                tokio::spawn(tunnel(client_upgrade, backend_upgrade, idle, drain.clone()));
+                tokio::spawn(tunnel(
+                    client_upgrade,
+                    backend_upgrade,
+                    idle,
+                    conn.drain.clone(),
+                ));
             }
             None => {
                 return Err(ProxyError::BackendFailed {

@@ -154,12 +154,17 @@ impl ClientCache {
         http.set_connect_timeout(Some(Duration::from_millis(
             self.settings.connect_timeout_ms,
         )));
-        let connector = HttpsConnectorBuilder::new()
+        // HTTP/2 is offered (ALPN, or prior knowledge for http://) only to backends configured
+        // for it: an HTTP/1.1 backend that happens to speak h2 would otherwise lose WebSocket
+        // upgrades, which HTTP/2 cannot carry.
+        let builder = HttpsConnectorBuilder::new()
             .with_tls_config(config)
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(http);
+            .https_or_http();
+        let connector = if http2 {
+            builder.enable_http2().wrap_connector(http)
+        } else {
+            builder.enable_http1().wrap_connector(http)
+        };
         let mut builder = Client::builder(TokioExecutor::new());
         builder
             .pool_idle_timeout(Duration::from_millis(self.settings.idle_timeout_ms))
