@@ -214,3 +214,30 @@ async fn websocket_upgrade_is_tunnelled() {
     assert_eq!(echoed, Message::binary(vec![1u8, 2, 3]));
     ws.close(None).await.unwrap();
 }
+
+#[tokio::test]
+async fn a_backend_body_that_goes_quiet_is_cut_off() {
+    let backend = Backend::start().await;
+    let gw = Gateway::start(GatewaySpec {
+        manifest: format!("{LISTENER_HTTP}\n[upstream]\nbody_idle_timeout_ms = 300\n"),
+        api: open_api(&backend.url(false)),
+        files: Vec::new(),
+        watch_ms: 100,
+    });
+    // The backend sends "first" and then nothing (the gate is never opened).
+    let resp = client().get(gw.url("/svc/gated")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut stream = resp.bytes_stream();
+    let first = stream.next().await.unwrap().unwrap();
+    assert_eq!(&first[..], b"first\n");
+    let end = tokio::time::timeout(Duration::from_secs(10), stream.next())
+        .await
+        .expect("the stalled body was not cut off");
+    assert!(
+        matches!(end, Some(Err(_))),
+        "the client must see an abnormal end, got {end:?}"
+    );
+    // The gateway itself is fine.
+    let r = client().get(gw.url("/svc/echo")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+}

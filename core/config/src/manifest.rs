@@ -197,6 +197,9 @@ pub struct Upstream {
     pub max_idle_per_host: usize,
     /// An upgraded connection (WebSocket) with no traffic either way for this long is closed.
     pub tunnel_idle_timeout_ms: u64,
+    /// A response body from a backend that sends nothing for this long is cut off (the client
+    /// sees the response end abruptly). Raise it for event streams with rare heartbeats.
+    pub body_idle_timeout_ms: u64,
 }
 
 impl Default for Upstream {
@@ -207,6 +210,7 @@ impl Default for Upstream {
             idle_timeout_ms: 90_000,
             max_idle_per_host: 256,
             tunnel_idle_timeout_ms: 300_000,
+            body_idle_timeout_ms: 300_000,
         }
     }
 }
@@ -463,6 +467,10 @@ fn validate_limits(limits: &Limits, upstream: &Upstream, runtime: &Runtime, repo
         (
             "upstream.tunnel_idle_timeout_ms",
             upstream.tunnel_idle_timeout_ms,
+        ),
+        (
+            "upstream.body_idle_timeout_ms",
+            upstream.body_idle_timeout_ms,
         ),
     ];
     for (key, v) in positive {

@@ -1,10 +1,12 @@
 //! Body types on both sides of the proxy. Enums rather than boxed trait objects so that
 //! forwarding a streamed body costs no allocation per request.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -14,16 +16,39 @@ use pin_project_lite::pin_project;
 pin_project! {
     /// What the gateway answers a client with: a backend's streamed body, or a body of its own.
     #[project = ResponseBodyProj]
-    #[allow(missing_docs)] // fields: the backend's body; the bytes, `None` once sent
+    #[allow(missing_docs)] // fields: see `ResponseBody::upstream` and `ResponseBody::full`
     pub enum ResponseBody {
         /// Streamed from the backend, frames (including trailers) passed through as they come.
-        Upstream { #[pin] inner: Incoming },
+        /// Cut off when the backend sends nothing for `idle`.
+        Upstream {
+            #[pin]
+            inner: Incoming,
+            idle: Duration,
+            moved: bool,
+            timer: Option<Pin<Box<tokio::time::Sleep>>>,
+        },
         /// Produced by the gateway (errors, health answers).
         Full { data: Option<Bytes> },
     }
 }
 
+/// A backend's response body went quiet for longer than `upstream.body_idle_timeout_ms`.
+#[derive(Debug, thiserror::Error)]
+#[error("the backend sent nothing for {0:?}")]
+pub struct BodyIdleTimeout(Duration);
+
 impl ResponseBody {
+    /// A backend's body, cut off after `idle` without data. The timer is only created once the
+    /// body actually waits, so a response that arrives in one piece never touches it.
+    pub fn upstream(inner: Incoming, idle: Duration) -> Self {
+        Self::Upstream {
+            inner,
+            idle,
+            moved: false,
+            timer: None,
+        }
+    }
+
     /// A complete body.
     pub fn full(data: impl Into<Bytes>) -> Self {
         let data: Bytes = data.into();
@@ -40,28 +65,57 @@ impl ResponseBody {
 
 impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         match self.project() {
-            ResponseBodyProj::Upstream { inner } => inner.poll_frame(cx),
+            ResponseBodyProj::Upstream {
+                inner,
+                idle,
+                moved,
+                timer,
+            } => match inner.poll_frame(cx) {
+                Poll::Ready(frame) => {
+                    *moved = true;
+                    Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+                }
+                Poll::Pending => {
+                    let deadline = tokio::time::Instant::now() + *idle;
+                    let timer = match timer {
+                        Some(t) => {
+                            if std::mem::take(moved) {
+                                t.as_mut().reset(deadline);
+                            }
+                            t
+                        }
+                        None => {
+                            *moved = false;
+                            timer.insert(Box::pin(tokio::time::sleep_until(deadline)))
+                        }
+                    };
+                    match timer.as_mut().poll(cx) {
+                        Poll::Ready(()) => Poll::Ready(Some(Err(BodyIdleTimeout(*idle).into()))),
+                        Poll::Pending => Poll::Pending,
+                    }
+                }
+            },
             ResponseBodyProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
-            Self::Upstream { inner } => inner.is_end_stream(),
+            Self::Upstream { inner, .. } => inner.is_end_stream(),
             Self::Full { data } => data.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            Self::Upstream { inner } => inner.size_hint(),
+            Self::Upstream { inner, .. } => inner.size_hint(),
             Self::Full { data } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }

@@ -421,7 +421,8 @@ async fn serve(
             }
         }
     }
-    Ok(resp.map(|inner| ResponseBody::Upstream { inner }))
+    let idle = Duration::from_millis(shared.upstream.body_idle_timeout_ms);
+    Ok(resp.map(|inner| ResponseBody::upstream(inner, idle)))
 }
 
 /// Why a request path is refused, if it is: dot segments (plain or percent-encoded) and
