@@ -219,6 +219,7 @@ measure_proxy() {
   "${WRK[@]}" -d"$WARMUP" "$url" >/dev/null
   local perf_pid= stat_pid=
   if [[ -n ${BENCH_PERF:-} ]]; then
+    command -v perf >/dev/null || die "BENCH_PERF needs perf (apt-get install linux-perf)"
     # Syscalls and context switches per request, for nginx and outpost alike.
     perf stat -x, -e raw_syscalls:sys_enter,context-switches -p "$(IFS=,; echo "${pids[*]}")" \
       -o "$TMP/stat-$name-${3//\//_}.txt" 2>/dev/null &
@@ -318,7 +319,7 @@ report() {
   echo "- nginx: $(nginx -v 2>&1 | sed 's/^nginx version: //'); wrk: $(wrk -v 2>&1 | awk 'NR == 1 { print $2 }')"
   echo "- outpost: $([[ $ONLY_NGINX == 1 ]] && echo "not measured" || echo "$OUTPOST_BIN")"
   echo "- date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
-  local cmd="BENCH_DURATION=$DURATION BENCH_WARMUP=$WARMUP BENCH_CONNECTIONS=$CONNECTIONS"
+  local cmd="BENCH_DURATION=$DURATION BENCH_WARMUP=$WARMUP BENCH_CONNECTIONS=$CONNECTIONS BENCH_ROUNDS=$ROUNDS"
   [[ $ONLY_NGINX == 1 ]] && cmd+=" BENCH_ONLY_NGINX=1"
   [[ -n ${OUTPOST_BIN_SET:-} ]] && cmd+=" OUTPOST_BIN=$OUTPOST_BIN"
   echo "- command: \`$cmd bench/run.sh\`"

@@ -156,7 +156,7 @@ pub async fn handle(
         tracing::info!(
             target: "outpost::access",
             listener = &*conn.listener,
-            client = %conn.remote.ip(),
+            client = %conn.remote.ip().to_canonical(),
             method = %method,
             path = path,
             status = resp.status().as_u16(),
