@@ -2,6 +2,7 @@
 
 mod lifecycle;
 mod limits;
+mod plugins;
 mod protocols;
 mod routing;
 mod tls;

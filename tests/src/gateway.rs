@@ -274,3 +274,22 @@ pub fn run_cli(args: &[&str]) -> (bool, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// A plugin library built by the workspace build (`cargo build --workspace`), next to the
+/// binary: `plugin_library("outpost_policy_basic")`.
+pub fn plugin_library(crate_name: &str) -> PathBuf {
+    let bin = binary();
+    let dir = bin.parent().expect("target dir");
+    let path = dir.join(format!(
+        "{}{}{}",
+        std::env::consts::DLL_PREFIX,
+        crate_name,
+        std::env::consts::DLL_SUFFIX
+    ));
+    assert!(
+        path.exists(),
+        "{} is missing: build the workspace first (scripts/test.sh does)",
+        path.display()
+    );
+    path
+}

@@ -38,6 +38,12 @@ enum Command {
         #[arg(long, short, env = "OUTPOST_MANIFEST")]
         manifest: PathBuf,
     },
+    /// Load the manifest's plugins and list what each provides.
+    Plugins {
+        /// The site manifest (TOML).
+        #[arg(long, short, env = "OUTPOST_MANIFEST")]
+        manifest: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -45,6 +51,51 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { manifest } => check(&manifest),
         Command::Run { manifest } => run(&manifest),
+        Command::Plugins { manifest } => plugins(&manifest),
+    }
+}
+
+fn plugins(path: &std::path::Path) -> ExitCode {
+    let manifest = match Manifest::load(path) {
+        Ok(m) => m,
+        Err(report) => {
+            eprintln!("{report}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match outpost_gateway::plugins::PluginHost::load(&manifest) {
+        Ok(host) => {
+            for lib in &host.libraries {
+                let i = &lib.info;
+                let mut kinds = Vec::new();
+                for (bit, name) in [(1, "policy"), (2, "sink"), (4, "cache"), (8, "backup")] {
+                    if i.kinds & bit != 0 {
+                        kinds.push(name);
+                    }
+                }
+                println!(
+                    "{}: {} {} (api level {}, kinds: {}) policies: {} [{}]",
+                    lib.entry,
+                    i.name,
+                    i.version,
+                    i.api_level,
+                    kinds.join(", "),
+                    i.policies
+                        .iter()
+                        .map(|p| p.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    lib.path.display()
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(problems) => {
+            for p in problems {
+                eprintln!("{p}");
+            }
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -217,22 +217,24 @@ pub struct NamedValue {
     pub secret: bool,
 }
 
-/// A policy document: four sections, each an ordered list of steps.
+/// A policy document: four sections, each an ordered list of steps. A section left out
+/// inherits the parent scope's section whole (as `[{"policy": "base"}]`); a section given,
+/// even empty, replaces it unless it contains a `base` step.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyDocument {
     /// Runs on the request before it is forwarded.
-    #[serde(default)]
-    pub inbound: Vec<PolicyStep>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inbound: Option<Vec<PolicyStep>>,
     /// Runs just before the request goes to the backend.
-    #[serde(default)]
-    pub backend: Vec<PolicyStep>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<Vec<PolicyStep>>,
     /// Runs on the response.
-    #[serde(default)]
-    pub outbound: Vec<PolicyStep>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outbound: Option<Vec<PolicyStep>>,
     /// Runs when any section fails.
-    #[serde(default)]
-    pub on_error: Vec<PolicyStep>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_error: Option<Vec<PolicyStep>>,
 }
 
 /// One step of a section: a policy and its configuration. The policy `base` splices the
@@ -508,7 +510,7 @@ fn check_policies(doc: Option<&PolicyDocument>, at: &str, base_allowed: bool, r:
     ];
     for (name, steps) in sections {
         let mut bases = 0;
-        for (i, step) in steps.iter().enumerate() {
+        for (i, step) in steps.iter().flatten().enumerate() {
             if step.policy.trim().is_empty() {
                 r.push(format!("{at}.{name}[{i}].policy"), "must not be empty");
             }

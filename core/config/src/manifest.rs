@@ -26,8 +26,61 @@ pub struct Manifest {
     pub upstream: Upstream,
     /// Graceful shutdown.
     pub shutdown: Shutdown,
+    /// Plugin libraries to load, in order (`[[plugins]]`).
+    pub plugins: Vec<PluginEntry>,
     /// Where the API configuration comes from.
     pub config: ConfigSource,
+}
+
+/// `[[plugins]]`: one plugin library.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginEntry {
+    /// A name for logs and errors (unique).
+    pub name: String,
+    /// The library file. Relative paths are relative to the manifest.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// Or: a library name looked up in `runtime.plugin_dir` (`lib<library>.so` on Linux).
+    #[serde(default)]
+    pub library: Option<String>,
+    /// Refuse the file unless its SHA-256 (hex) is this.
+    #[serde(default)]
+    pub sha256: Option<String>,
+    /// Disable a policy instance of this library after this many panics (absent: never).
+    #[serde(default)]
+    pub disable_after_panics: Option<u64>,
+    /// What a disabled instance does: `fail_closed` (answer 503, default) or `fail_open`
+    /// (skip the step).
+    #[serde(default)]
+    pub when_disabled: FailMode,
+}
+
+impl PluginEntry {
+    /// The library file this entry names (paths already resolved against the manifest).
+    pub fn file(&self, plugin_dir: &Path) -> PathBuf {
+        match (&self.path, &self.library) {
+            (Some(p), _) => p.clone(),
+            (None, Some(lib)) => plugin_dir.join(format!(
+                "{}{}{}",
+                std::env::consts::DLL_PREFIX,
+                lib,
+                std::env::consts::DLL_SUFFIX
+            )),
+            (None, None) => PathBuf::new(),
+        }
+    }
+}
+
+/// What a disabled plugin instance does.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailMode {
+    /// Requests that reach it get 503.
+    #[default]
+    FailClosed,
+    /// It is skipped.
+    FailOpen,
 }
 
 /// `[gateway]`: identity used in logs and reports.
@@ -56,6 +109,9 @@ pub struct Runtime {
     /// Worker threads. Absent: one per CPU. `1` runs a single-threaded runtime, the cheapest
     /// per request when the gateway is pinned to one core.
     pub worker_threads: Option<usize>,
+    /// Where `[[plugins]] library = "…"` entries are looked up. Default: `plugins` next to the
+    /// manifest.
+    pub plugin_dir: Option<PathBuf>,
 }
 
 /// `[log]`.
@@ -267,6 +323,7 @@ const SECTIONS: &[&str] = &[
     "limits",
     "upstream",
     "shutdown",
+    "plugins",
     "config",
 ];
 
@@ -329,6 +386,54 @@ impl Manifest {
             Some(_) => report.push("listeners", "must be an array of tables ([[listeners]])"),
         }
 
+        let mut plugins = Vec::new();
+        match table.get("plugins") {
+            None => {}
+            Some(toml::Value::Array(items)) => {
+                let mut names = HashSet::new();
+                for (i, item) in items.iter().enumerate() {
+                    let prefix = format!("plugins[{i}]");
+                    let Some(p) =
+                        deserialize_into::<PluginEntry, _>(item.clone(), &prefix, &mut report)
+                    else {
+                        continue;
+                    };
+                    if p.name.trim().is_empty() {
+                        report.push(join_path(&prefix, "name"), "must not be empty");
+                    } else if !names.insert(p.name.clone()) {
+                        report.push(
+                            join_path(&prefix, "name"),
+                            format!("duplicate plugin name '{}'", p.name),
+                        );
+                    }
+                    match (&p.path, &p.library) {
+                        (Some(_), Some(_)) => {
+                            report.push(prefix.clone(), "give either `path` or `library`, not both")
+                        }
+                        (None, None) => {
+                            report.push(prefix.clone(), "`path` or `library` is required")
+                        }
+                        (None, Some(l)) if l.is_empty() || l.contains('/') => report
+                            .push(join_path(&prefix, "library"), "must be a bare library name"),
+                        _ => {}
+                    }
+                    if let Some(h) = &p.sha256 {
+                        if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
+                            report.push(join_path(&prefix, "sha256"), "must be 64 hex digits");
+                        }
+                    }
+                    if p.disable_after_panics == Some(0) {
+                        report.push(
+                            join_path(&prefix, "disable_after_panics"),
+                            "must be positive (leave it out to never disable)",
+                        );
+                    }
+                    plugins.push(p);
+                }
+            }
+            Some(_) => report.push("plugins", "must be an array of tables ([[plugins]])"),
+        }
+
         let config = match table.get("config") {
             None => {
                 report.push("config", "missing: say where the API configuration comes from, e.g. [config] type = \"file\" path = \"api.json\"");
@@ -361,6 +466,20 @@ impl Manifest {
         };
         let mut listeners: Vec<Listener> = listeners.into_iter().map(|(_, l)| l).collect();
         resolve_paths(base, &mut listeners, &mut config);
+        let mut runtime = runtime;
+        runtime.plugin_dir = Some(
+            base.join(
+                runtime
+                    .plugin_dir
+                    .as_deref()
+                    .unwrap_or(Path::new("plugins")),
+            ),
+        );
+        for p in &mut plugins {
+            if let Some(path) = &mut p.path {
+                *path = base.join(&*path);
+            }
+        }
         report.into_result(Manifest {
             gateway,
             runtime,
@@ -369,6 +488,7 @@ impl Manifest {
             limits,
             upstream,
             shutdown,
+            plugins,
             config,
         })
     }

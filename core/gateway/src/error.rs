@@ -59,6 +59,8 @@ pub enum ProxyError {
     BadRequest(String),
     /// The client stopped sending its body before it was complete.
     RequestTimeout,
+    /// A policy failed (panicked, disabled, or reported an error that on-error did not answer).
+    PolicyFailed(String),
     /// No configuration is loaded yet.
     NotReady,
     /// The backend refused the connection or could not be resolved.
@@ -96,6 +98,7 @@ impl ProxyError {
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::NotReady => StatusCode::SERVICE_UNAVAILABLE,
+            Self::PolicyFailed(_) => StatusCode::INTERNAL_SERVER_ERROR,
             Self::BackendUnreachable { .. } | Self::BackendFailed { .. } => StatusCode::BAD_GATEWAY,
             Self::BackendTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -114,6 +117,7 @@ impl ProxyError {
             Self::BadRequest(_) => "bad_request",
             Self::RequestTimeout => "request_timeout",
             Self::NotReady => "not_ready",
+            Self::PolicyFailed(_) => "policy_failed",
             Self::BackendUnreachable { .. } => "backend_unreachable",
             Self::BackendTimeout { .. } => "backend_timeout",
             Self::BackendFailed { .. } => "backend_failed",
@@ -135,7 +139,7 @@ impl ProxyError {
             Self::BackendUnreachable { .. }
             | Self::BackendTimeout { .. }
             | Self::BackendFailed { .. } => ErrorSource::Backend,
-            Self::NotReady => ErrorSource::Gateway,
+            Self::NotReady | Self::PolicyFailed(_) => ErrorSource::Gateway,
         }
     }
 
@@ -192,6 +196,7 @@ impl fmt::Display for ProxyError {
                 "The request body stopped arriving before it was complete.",
             ),
             Self::NotReady => f.write_str("The gateway is not ready to serve requests."),
+            Self::PolicyFailed(why) => write!(f, "A policy failed: {why}."),
             Self::BackendUnreachable { backend, reason } => {
                 write!(f, "Backend '{backend}' is unreachable: {reason}.")
             }

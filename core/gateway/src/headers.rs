@@ -167,6 +167,11 @@ pub fn add_forwarded(headers: &mut HeaderMap, conn: &ForwardedFor, host: Option<
 }
 
 impl ForwardedFor {
+    /// The client's address as text.
+    pub fn ip(&self) -> &str {
+        self.element_ip()
+    }
+
     fn element_ip(&self) -> &str {
         self.ip.to_str().unwrap_or_default()
     }

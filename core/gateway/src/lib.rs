@@ -10,6 +10,7 @@ pub mod error;
 pub mod headers;
 pub mod health;
 pub mod listener;
+pub mod plugins;
 pub mod proxy;
 pub mod reload;
 pub mod router;
@@ -39,6 +40,9 @@ pub enum StartError {
     /// The API configuration is invalid.
     #[error("{0}")]
     Config(Report),
+    /// Plugins could not be loaded.
+    #[error("{}", .0.join("\n"))]
+    Plugins(Vec<String>),
     /// A listener could not bind.
     #[error("listener '{listener}' cannot bind {address}: {source}")]
     Bind {
@@ -62,10 +66,18 @@ pub fn check(manifest: &Manifest) -> Vec<String> {
             }
         }
     }
+    let plugins = match plugins::PluginHost::load(manifest) {
+        Ok(p) => p,
+        Err(e) => {
+            problems.extend(e);
+            // Policy steps can only be checked against the plugins that did load.
+            plugins::PluginHost::default()
+        }
+    };
     let clients = ClientCache::new(manifest.upstream.clone());
     match &manifest.config {
         ConfigSource::File(f) => {
-            if let Err(r) = reload::load_file(&f.path, &clients) {
+            if let Err(r) = reload::load_file(&f.path, &clients, &plugins) {
                 problems.push(r.to_string());
             }
         }
@@ -94,6 +106,7 @@ impl Gateway {
                 None => None,
             });
         }
+        let plugins = Arc::new(plugins::PluginHost::load(manifest).map_err(StartError::Plugins)?);
         let clients = Arc::new(ClientCache::new(manifest.upstream.clone()));
         let reserved_headers = manifest
             .listeners
@@ -115,7 +128,9 @@ impl Gateway {
             reserved_headers,
         ));
         let ConfigSource::File(source) = &manifest.config;
-        let snapshot = reload::load_file(&source.path, &clients).map_err(StartError::Config)?;
+        let initial_stamp = reload::stamp(&source.path);
+        let snapshot =
+            reload::load_file(&source.path, &clients, &plugins).map_err(StartError::Config)?;
         tracing::info!(
             version = %snapshot.version,
             digest = %snapshot.digest,
@@ -164,8 +179,10 @@ impl Gateway {
         tasks.push(tokio::spawn(reload::watch_file(
             shared.clone(),
             clients,
+            plugins,
             source.clone(),
             hangup,
+            initial_stamp,
             stop_rx,
         )));
         Ok(Gateway {

@@ -23,6 +23,7 @@ use crate::error::ProxyError;
 use crate::headers;
 use crate::health;
 use crate::listener::Drain;
+use crate::plugins::{HostContext, LocalResponse, Pipeline, PolicyInstance, StepResult};
 use crate::router::match_operation;
 use crate::snapshot::Snapshot;
 use crate::tls::ClientCertificate;
@@ -251,6 +252,7 @@ async fn serve(
             .uri()
             .query()
             .is_some_and(|q| query_param(q, &api.key_query).is_some());
+    let mut product: Option<&(usize, Arc<str>)> = None;
     if api.subscription_required {
         let key = match req.headers().get(&api.key_header) {
             Some(v) => Some(v.to_str().map_err(|_| ProxyError::InvalidSubscriptionKey)?),
@@ -272,7 +274,9 @@ async fn serve(
             return Err(ProxyError::SubscriptionSuspended);
         }
         ids.subscription = Some(sub.id.clone());
+        product = sub.product.as_ref();
     }
+    let pipeline = op.pipeline(product.map(|(i, _)| *i));
 
     // The backend request.
     let backend = &api.backend;
@@ -310,6 +314,27 @@ async fn serve(
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
 
     let (mut parts, body) = req.into_parts();
+
+    // Policies: inbound and backend sections see the client's request and may change it or
+    // answer it; the context (variables, last error) carries on to outbound and on-error.
+    let sub_id = ids.subscription.clone();
+    let mut ctx = pipeline.map(|_| HostContext {
+        api_id: &api.id,
+        operation_id: &op.id,
+        product_id: product.map_or("", |(_, id)| &**id),
+        subscription_id: sub_id.as_deref().unwrap_or_default(),
+        client_ip: conn.forwarded.ip(),
+        request_id: request_id.to_str().unwrap_or_default(),
+        variables: Vec::new(),
+        error: String::new(),
+        response: None,
+    });
+    if let (Some(p), Some(ctx)) = (pipeline, ctx.as_mut()) {
+        let steps = p.inbound.iter().chain(p.backend.iter());
+        if let Some(resp) = run_request_steps(steps, p, &mut parts, ctx)? {
+            return Ok(resp);
+        }
+    }
     parts.uri = uri;
     parts.version = Version::HTTP_11;
     let h = &mut parts.headers;
@@ -395,6 +420,16 @@ async fn serve(
         Ok(Ok(resp)) => resp,
     };
 
+    if let (Some(p), Some(ctx)) = (pipeline, ctx.as_mut()) {
+        if !p.outbound.is_empty() {
+            let (mut rparts, body) = resp.into_parts();
+            if let Some(local) = run_response_steps(p, &mut rparts, ctx)? {
+                return Ok(local);
+            }
+            resp = Response::from_parts(rparts, body);
+        }
+    }
+
     let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
     if resp.headers().contains_key(header::TRANSFER_ENCODING) {
         // RFC 9112 §6.3: Transfer-Encoding overrides Content-Length; never pass on both.
@@ -423,6 +458,73 @@ async fn serve(
     }
     let idle = Duration::from_millis(shared.upstream.body_idle_timeout_ms);
     Ok(resp.map(|inner| ResponseBody::upstream(inner, idle)))
+}
+
+/// Runs request hooks in order; on an error, the on-error section. Returns the response a
+/// policy answered with, if any.
+fn run_request_steps<'p>(
+    steps: impl Iterator<Item = &'p Arc<PolicyInstance>>,
+    pipeline: &Pipeline,
+    parts: &mut http::request::Parts,
+    ctx: &mut HostContext<'_>,
+) -> Result<Option<Response<ResponseBody>>, ProxyError> {
+    for step in steps {
+        match step.on_request(parts, ctx) {
+            StepResult::Continue => {}
+            StepResult::Respond => return Ok(ctx.response.take().map(local_response)),
+            StepResult::Failed => return Err(ProxyError::PolicyFailed(ctx.error.clone())),
+            StepResult::Error => {
+                for handler in &pipeline.on_error {
+                    match handler.on_request(parts, ctx) {
+                        StepResult::Continue => {}
+                        _ => break,
+                    }
+                }
+                return match ctx.response.take() {
+                    Some(r) => Ok(Some(local_response(r))),
+                    None => Err(ProxyError::PolicyFailed(ctx.error.clone())),
+                };
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// Runs the outbound section on a response head, with on-error as for requests.
+fn run_response_steps(
+    pipeline: &Pipeline,
+    parts: &mut http::response::Parts,
+    ctx: &mut HostContext<'_>,
+) -> Result<Option<Response<ResponseBody>>, ProxyError> {
+    for step in &pipeline.outbound {
+        match step.on_response(parts, ctx) {
+            StepResult::Continue => {}
+            StepResult::Respond => return Ok(ctx.response.take().map(local_response)),
+            StepResult::Failed => return Err(ProxyError::PolicyFailed(ctx.error.clone())),
+            StepResult::Error => {
+                for handler in &pipeline.on_error {
+                    match handler.on_response(parts, ctx) {
+                        StepResult::Continue => {}
+                        _ => break,
+                    }
+                }
+                return match ctx.response.take() {
+                    Some(r) => Ok(Some(local_response(r))),
+                    None => Err(ProxyError::PolicyFailed(ctx.error.clone())),
+                };
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// A policy's response as an HTTP response.
+fn local_response(r: LocalResponse) -> Response<ResponseBody> {
+    let mut resp = Response::new(ResponseBody::full(r.body));
+    *resp.status_mut() =
+        StatusCode::from_u16(r.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    *resp.headers_mut() = r.headers;
+    resp
 }
 
 /// Why a request path is refused, if it is: dot segments (plain or percent-encoded) and

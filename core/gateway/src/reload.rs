@@ -10,22 +10,32 @@ use std::time::{Duration, SystemTime};
 use outpost_config::{ApiConfig, FileSource, Report};
 use tokio::sync::watch;
 
+use crate::plugins::PluginHost;
 use crate::proxy::Shared;
 use crate::snapshot::{sha256_hex, ConfigOrigin, Snapshot};
 use crate::upstream::ClientCache;
 
 /// Reads, validates and compiles the configuration file.
-pub fn load_file(path: &Path, clients: &ClientCache) -> Result<Snapshot, Report> {
+pub fn load_file(
+    path: &Path,
+    clients: &ClientCache,
+    plugins: &PluginHost,
+) -> Result<Snapshot, Report> {
     let origin = path.display().to_string();
     let raw = std::fs::read(path).map_err(|e| {
         let mut r = Report::new(origin.clone());
         r.push("", format!("cannot read the file: {e}"));
         r
     })?;
-    build(&raw, path, clients)
+    build(&raw, path, clients, plugins)
 }
 
-fn build(raw: &[u8], path: &Path, clients: &ClientCache) -> Result<Snapshot, Report> {
+fn build(
+    raw: &[u8],
+    path: &Path,
+    clients: &ClientCache,
+    plugins: &PluginHost,
+) -> Result<Snapshot, Report> {
     let origin = path.display().to_string();
     let text = std::str::from_utf8(raw).map_err(|e| {
         let mut r = Report::new(origin.clone());
@@ -33,14 +43,16 @@ fn build(raw: &[u8], path: &Path, clients: &ClientCache) -> Result<Snapshot, Rep
         r
     })?;
     let config = ApiConfig::parse(text, &origin)?;
-    Snapshot::build(config, raw, ConfigOrigin::File(origin), clients)
+    Snapshot::build(config, raw, ConfigOrigin::File(origin), clients, plugins)
 }
 
 /// File identity cheap to check every tick: modification time, length, inode.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Stamp(Option<SystemTime>, u64, u64);
+pub struct Stamp(Option<SystemTime>, u64, u64);
 
-fn stamp(path: &Path) -> Option<Stamp> {
+/// The file's stamp now. Taken *before* the first load, so a change made while the gateway
+/// starts is seen by the first tick.
+pub fn stamp(path: &Path) -> Option<Stamp> {
     let m = std::fs::metadata(path).ok()?;
     #[cfg(unix)]
     let ino = std::os::unix::fs::MetadataExt::ino(&m);
@@ -53,12 +65,14 @@ fn stamp(path: &Path) -> Option<Stamp> {
 pub async fn watch_file(
     shared: Arc<Shared>,
     clients: Arc<ClientCache>,
+    plugins: Arc<PluginHost>,
     source: FileSource,
     mut hangup: Option<tokio::signal::unix::Signal>,
+    initial: Option<Stamp>,
     mut stop: watch::Receiver<bool>,
 ) {
     let path: PathBuf = source.path.clone();
-    let mut last_stamp = stamp(&path);
+    let mut last_stamp = initial;
     // Digest of the last content looked at, valid or not, so a bad file is reported once.
     let mut last_digest = shared
         .snapshot
@@ -84,6 +98,7 @@ pub async fn watch_file(
         last_stamp = now_stamp;
         let path2 = path.clone();
         let clients2 = clients.clone();
+        let plugins2 = plugins.clone();
         let last = last_digest.clone();
         // Reading and compiling may block (disk, large documents): keep it off the workers.
         let outcome = tokio::task::spawn_blocking(move || {
@@ -95,7 +110,7 @@ pub async fn watch_file(
             if digest == last && !forced {
                 return Outcome::Unchanged;
             }
-            match build(&raw, &path2, &clients2) {
+            match build(&raw, &path2, &clients2, &plugins2) {
                 Ok(s) => Outcome::Loaded(Box::new(s)),
                 Err(report) => Outcome::Invalid(digest, report),
             }

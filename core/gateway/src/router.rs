@@ -141,6 +141,20 @@ pub struct OperationRoute {
     pub method: Option<Method>,
     /// The URL template.
     pub template: UrlTemplate,
+    /// Policy pipelines: one per product whose policies apply (`Some(product index)`), and
+    /// the one for requests without a product (`None`), first. Empty when no policies apply.
+    pub pipelines: Vec<(Option<usize>, std::sync::Arc<crate::plugins::Pipeline>)>,
+}
+
+impl OperationRoute {
+    /// The pipeline for a request of this product (or none).
+    pub fn pipeline(&self, product: Option<usize>) -> Option<&crate::plugins::Pipeline> {
+        self.pipelines
+            .iter()
+            .find(|(p, _)| *p == product)
+            .or_else(|| self.pipelines.first())
+            .map(|(_, p)| &**p)
+    }
 }
 
 /// Finds the first operation (they are sorted most specific first) matching method and path.
@@ -233,6 +247,7 @@ mod tests {
             id: id.into(),
             method,
             template: UrlTemplate::parse(t).expect("template"),
+            pipelines: Vec::new(),
         })
         .collect();
         ops.sort_by_key(|o| o.template.specificity());

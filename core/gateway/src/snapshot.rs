@@ -8,6 +8,7 @@ use http::{HeaderName, Method};
 use outpost_config::template::UrlTemplate;
 use outpost_config::{normalize_prefix, ApiConfig, Report, SubscriptionScope, SubscriptionState};
 
+use crate::plugins::{Pipeline, PluginHost, PolicyInstance};
 use crate::router::{OperationRoute, Router};
 use crate::upstream::{BackendRoute, ClientCache};
 
@@ -55,6 +56,8 @@ pub struct SubscriptionEntry {
     pub apis: Option<HashSet<usize>>,
     /// Keys are refused with 403.
     pub suspended: bool,
+    /// The product (index, id) for product-scoped subscriptions: its policies apply.
+    pub product: Option<(usize, Arc<str>)>,
 }
 
 /// A configuration ready to serve.
@@ -86,6 +89,7 @@ impl Snapshot {
         raw: &[u8],
         origin: ConfigOrigin,
         clients: &ClientCache,
+        plugins: &PluginHost,
     ) -> Result<Snapshot, Report> {
         let digest = sha256_hex(raw);
         let mut report = Report::new(match &origin {
@@ -102,6 +106,22 @@ impl Snapshot {
             }
         }
 
+        // Policy documents of every scope, compiled once; steps are shared between pipelines.
+        let global = compile_doc(config.policies.as_ref(), "policies", plugins, &mut report);
+        let product_docs: Vec<Option<Sections>> = config
+            .products
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                compile_doc(
+                    p.policies.as_ref(),
+                    &format!("products[{i}].policies"),
+                    plugins,
+                    &mut report,
+                )
+            })
+            .collect();
+
         let mut router = Router::default();
         let mut apis = Vec::with_capacity(config.apis.len());
         let mut api_index = HashMap::new();
@@ -113,17 +133,58 @@ impl Snapshot {
             let prefix = normalize_prefix(&api.path);
             router.add(&api.hostnames, prefix, apis.len());
             api_index.insert(api.id.as_str(), apis.len());
-            let mut operations: Vec<OperationRoute> = api
-                .operations
+            let api_doc = compile_doc(
+                api.policies.as_ref(),
+                &format!("apis[{i}].policies"),
+                plugins,
+                &mut report,
+            );
+            // Products whose policies can apply to this API.
+            let api_products: Vec<usize> = config
+                .products
                 .iter()
-                .map(|op| OperationRoute {
+                .enumerate()
+                .filter(|(_, p)| p.apis.contains(&api.id))
+                .map(|(j, _)| j)
+                .collect();
+            let mut operations: Vec<OperationRoute> = Vec::with_capacity(api.operations.len());
+            for (k, op) in api.operations.iter().enumerate() {
+                let op_doc = compile_doc(
+                    op.policies.as_ref(),
+                    &format!("apis[{i}].operations[{k}].policies"),
+                    plugins,
+                    &mut report,
+                );
+                let mut pipelines = Vec::new();
+                let base = pipeline(&[global.as_ref(), None, api_doc.as_ref(), op_doc.as_ref()]);
+                if !base.is_empty() {
+                    pipelines.push((None, Arc::new(base)));
+                }
+                for &j in &api_products {
+                    if product_docs[j].is_none() {
+                        continue;
+                    }
+                    let chain = [
+                        global.as_ref(),
+                        product_docs[j].as_ref(),
+                        api_doc.as_ref(),
+                        op_doc.as_ref(),
+                    ];
+                    let p = pipeline(&chain);
+                    if pipelines.is_empty() {
+                        pipelines.push((None, Arc::new(Pipeline::default())));
+                    }
+                    pipelines.push((Some(j), Arc::new(p)));
+                }
+                operations.push(OperationRoute {
                     id: op.id.as_str().into(),
                     method: (op.method != "*").then(|| {
                         Method::from_bytes(op.method.as_bytes()).expect("validated method")
                     }),
                     template: UrlTemplate::parse(&op.url_template).expect("validated template"),
-                })
-                .collect();
+                    pipelines,
+                });
+            }
             // Most specific template first; a fixed method before "any method".
             operations.sort_by_cached_key(|op| (op.template.specificity(), op.method.is_none()));
             let key_header = match HeaderName::from_bytes(api.subscription_key.header.as_bytes()) {
@@ -144,6 +205,12 @@ impl Snapshot {
             });
         }
 
+        let product_index: HashMap<&str, usize> = config
+            .products
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.id.as_str(), i))
+            .collect();
         let products: HashMap<&str, Vec<usize>> = config
             .products
             .iter()
@@ -176,10 +243,17 @@ impl Snapshot {
             if let Some(k) = &s.secondary_key {
                 keys.insert(k.as_str().into(), idx);
             }
+            let product = match &s.scope {
+                SubscriptionScope::Product { id } => product_index
+                    .get(id.as_str())
+                    .map(|&i| (i, Arc::<str>::from(id.as_str()))),
+                _ => None,
+            };
             subscriptions.push(SubscriptionEntry {
                 id: s.id.as_str().into(),
                 apis,
                 suspended: s.state == SubscriptionState::Suspended,
+                product,
             });
         }
 
@@ -197,6 +271,87 @@ impl Snapshot {
             keys,
             subscriptions,
         })
+    }
+}
+
+/// One compiled step of a section.
+#[derive(Clone)]
+enum Step {
+    /// Splice the parent scope's same section here.
+    Base,
+    /// Run this policy.
+    Policy(Arc<PolicyInstance>),
+}
+
+/// The four sections of one scope's document.
+type Sections = [Vec<Step>; 4];
+
+fn compile_doc(
+    doc: Option<&outpost_config::PolicyDocument>,
+    at: &str,
+    plugins: &PluginHost,
+    report: &mut Report,
+) -> Option<Sections> {
+    let doc = doc?;
+    let mut out: Sections = Default::default();
+    for (slot, (name, steps)) in [
+        ("inbound", &doc.inbound),
+        ("backend", &doc.backend),
+        ("outbound", &doc.outbound),
+        ("on_error", &doc.on_error),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let Some(steps) = steps else {
+            // Left out: inherit the parent's section.
+            out[slot].push(Step::Base);
+            continue;
+        };
+        for (i, step) in steps.iter().enumerate() {
+            if step.policy == "base" {
+                out[slot].push(Step::Base);
+                continue;
+            }
+            match plugins.policy(&step.policy, &step.config) {
+                Ok(p) => out[slot].push(Step::Policy(Arc::new(p))),
+                Err(e) => report.push(format!("{at}.{name}[{i}]"), e),
+            }
+        }
+    }
+    Some(out)
+}
+
+/// Resolves `base` through the chain of scopes (outermost first): a scope without a document
+/// inherits its parent's section whole; a document's section replaces the parent's unless it
+/// contains a `base` step, which splices the parent's in place.
+fn pipeline(chain: &[Option<&Sections>]) -> Pipeline {
+    fn expand(chain: &[Option<&Sections>], slot: usize, out: &mut Vec<Arc<PolicyInstance>>) {
+        let Some((last, parents)) = chain.split_last() else {
+            return;
+        };
+        match last {
+            None => expand(parents, slot, out),
+            Some(sections) => {
+                for step in &sections[slot] {
+                    match step {
+                        Step::Base => expand(parents, slot, out),
+                        Step::Policy(p) => out.push(p.clone()),
+                    }
+                }
+            }
+        }
+    }
+    let section = |slot| {
+        let mut v = Vec::new();
+        expand(chain, slot, &mut v);
+        v
+    };
+    Pipeline {
+        inbound: section(0),
+        backend: section(1),
+        outbound: section(2),
+        on_error: section(3),
     }
 }
 

@@ -1,0 +1,284 @@
+//! Plugins loaded from the manifest: policy pipelines with APIM scopes and `base`, loader
+//! errors, and configuration that names unknown policies or carries bad policy config.
+
+use outpost_tests::gateway::{plugin_library, run_cli, LISTENER_HTTP};
+use outpost_tests::{Backend, Gateway, GatewaySpec};
+use serde_json::{json, Value};
+
+use crate::{assert_error, client};
+
+fn plugins_manifest() -> String {
+    format!(
+        "{LISTENER_HTTP}\n[[plugins]]\nname = \"basic\"\npath = \"{}\"\n",
+        plugin_library("outpost_policy_basic").display()
+    )
+}
+
+fn set(name: &str, value: &str) -> Value {
+    json!({ "policy": "set-header", "config": { "name": name, "value": value, "exists_action": "append" } })
+}
+
+fn pipeline_config(backend: &str) -> Value {
+    json!({
+        "version": "p1",
+        "backends": [{ "id": "b", "urls": [backend] }],
+        "policies": {
+            "inbound": [set("x-trail", "global")],
+            "outbound": [{ "policy": "set-header", "config": { "name": "x-served-by", "value": "outpost" } }]
+        },
+        "apis": [{
+            "id": "svc", "path": "/svc", "backend": "b",
+            "policies": { "inbound": [{ "policy": "base" }, set("x-trail", "api")], "outbound": [{ "policy": "base" }] },
+            "operations": [
+                { "id": "echo", "method": "GET", "url_template": "/echo",
+                  "policies": { "inbound": [{ "policy": "base" }, set("x-trail", "operation")] } },
+                { "id": "guarded", "method": "GET", "url_template": "/guarded/echo",
+                  "policies": { "inbound": [
+                      { "policy": "check-header", "config": { "name": "x-client", "values": ["alpha"], "failed_check_httpcode": 403 } },
+                      { "policy": "base" }
+                  ] } },
+                { "id": "canned", "method": "GET", "url_template": "/canned",
+                  "policies": { "inbound": [
+                      { "policy": "return-response", "config": { "status": 202, "body": "canned", "headers": { "x-canned": "yes" } } }
+                  ] } },
+                { "id": "plain", "method": "GET", "url_template": "/plain/echo",
+                  "policies": { "inbound": [], "outbound": [] } }
+            ]
+        }],
+        "products": [
+            { "id": "gold", "apis": ["svc"], "policies": { "inbound": [{ "policy": "base" }, set("x-trail", "product")] } },
+            { "id": "silver", "apis": ["svc"] }
+        ],
+        "subscriptions": [
+            { "id": "g", "scope": { "type": "product", "id": "gold" }, "primary_key": "gold-key-1" },
+            { "id": "s", "scope": { "type": "product", "id": "silver" }, "primary_key": "silver-key-1" },
+            { "id": "a", "scope": { "type": "all" }, "primary_key": "all-key-12" }
+        ]
+    })
+}
+
+async fn get(c: &reqwest::Client, gw: &Gateway, path: &str, key: &str) -> reqwest::Response {
+    c.get(gw.url(path))
+        .header("Ocp-Apim-Subscription-Key", key)
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn policies_run_at_every_scope_with_base_inheritance() {
+    let backend = Backend::start().await;
+    let gw = Gateway::start(GatewaySpec {
+        manifest: plugins_manifest(),
+        api: pipeline_config(&backend.url(false)),
+        files: Vec::new(),
+        watch_ms: 100,
+    });
+    let c = client();
+
+    // global → API → operation, in that order, through `base`; outbound from global via base.
+    let r = get(&c, &gw, "/svc/echo", "all-key-12").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-served-by"], "outpost");
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(
+        v["headers"]["x-trail"],
+        json!(["global", "api", "operation"])
+    );
+
+    // A product-scoped subscription adds its product's section where the API's `base` is.
+    let r = get(&c, &gw, "/svc/echo", "gold-key-1").await;
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(
+        v["headers"]["x-trail"],
+        json!(["global", "product", "api", "operation"])
+    );
+    // A product without policies inherits the global scope unchanged.
+    let r = get(&c, &gw, "/svc/echo", "silver-key-1").await;
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(
+        v["headers"]["x-trail"],
+        json!(["global", "api", "operation"])
+    );
+
+    // check-header before base: refused before anything else runs, backend not called.
+    let before = backend.requests();
+    let r = get(&c, &gw, "/svc/guarded/echo", "all-key-12").await;
+    assert_eq!(r.status(), 403);
+    assert!(r.text().await.unwrap().contains("header_check_failed"));
+    assert_eq!(backend.requests(), before);
+    let r = c
+        .get(gw.url("/svc/guarded/echo"))
+        .header("Ocp-Apim-Subscription-Key", "all-key-12")
+        .header("x-client", "alpha")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["headers"]["x-trail"], json!(["global", "api"]));
+
+    // return-response answers without the backend.
+    let r = get(&c, &gw, "/svc/canned", "all-key-12").await;
+    assert_eq!(r.status(), 202);
+    assert_eq!(r.headers()["x-canned"], "yes");
+    assert_eq!(r.text().await.unwrap(), "canned");
+    assert_eq!(backend.requests(), before + 1);
+
+    // Empty sections without base: nothing inherited.
+    let r = get(&c, &gw, "/svc/plain/echo", "all-key-12").await;
+    assert!(r.headers().get("x-served-by").is_none());
+    let v: Value = r.json().await.unwrap();
+    assert!(v["headers"].get("x-trail").is_none(), "{v}");
+}
+
+#[tokio::test]
+async fn unknown_policies_and_bad_policy_config_are_rejected_before_serving() {
+    let backend = Backend::start().await;
+    let mut bad = pipeline_config(&backend.url(false));
+    bad["apis"][0]["operations"][0]["policies"]["inbound"][1] =
+        json!({ "policy": "no-such-policy" });
+    bad["policies"]["inbound"][0] =
+        json!({ "policy": "set-header", "config": { "name": "bad name", "value": "x" } });
+
+    // At startup: the gateway refuses to start and says which steps.
+    let spec = GatewaySpec {
+        manifest: plugins_manifest(),
+        api: bad.clone(),
+        files: Vec::new(),
+        watch_ms: 100,
+    };
+    let Err((status, logs)) = Gateway::try_start(spec) else {
+        panic!("started with an invalid policy configuration");
+    };
+    assert!(status.is_some_and(|s| !s.success()));
+    let logs = logs.join("\n");
+    assert!(
+        logs.contains("apis[0].operations[0].policies.inbound[1]"),
+        "{logs}"
+    );
+    assert!(logs.contains("unknown policy 'no-such-policy'"), "{logs}");
+    assert!(logs.contains("policies.inbound[0]"), "{logs}");
+    assert!(logs.contains("not a valid header name"), "{logs}");
+
+    // On reload: rejected whole, the previous configuration keeps serving.
+    let gw = Gateway::start(GatewaySpec {
+        manifest: plugins_manifest(),
+        api: pipeline_config(&backend.url(false)),
+        files: Vec::new(),
+        watch_ms: 100,
+    });
+    gw.write_api(&bad);
+    let rejected = gw.wait_for_log(
+        "Rejected the changed configuration; the previous one keeps serving.",
+        1,
+    );
+    assert_eq!(rejected[0]["problems"], 2);
+    let r = get(&client(), &gw, "/svc/echo", "all-key-12").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-served-by"], "outpost");
+}
+
+#[tokio::test]
+async fn loader_errors_name_the_entry_the_file_and_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let basic = plugin_library("outpost_policy_basic");
+    std::fs::write(dir.path().join("not-a-library.so"), b"hello").unwrap();
+    // A real shared library that is not an Outpost plugin.
+    let libm = [
+        "/lib/x86_64-linux-gnu/libm.so.6",
+        "/usr/lib/x86_64-linux-gnu/libm.so.6",
+        "/lib64/libm.so.6",
+    ]
+    .into_iter()
+    .find(|p| std::path::Path::new(p).exists());
+    let mut manifest = format!(
+        r#"
+[[listeners]]
+name = "http"
+address = "127.0.0.1:0"
+
+[[plugins]]
+name = "missing"
+path = "nowhere.so"
+
+[[plugins]]
+name = "garbage"
+path = "not-a-library.so"
+
+[[plugins]]
+name = "pinned"
+path = "{basic}"
+sha256 = "{zeros}"
+"#,
+        basic = basic.display(),
+        zeros = "0".repeat(64)
+    );
+    if let Some(libm) = libm {
+        manifest.push_str(&format!(
+            "\n[[plugins]]\nname = \"foreign\"\npath = \"{libm}\"\n"
+        ));
+    }
+    manifest.push_str("\n[config]\ntype = \"file\"\npath = \"api.json\"\n");
+    std::fs::write(dir.path().join("outpost.toml"), manifest).unwrap();
+    std::fs::write(dir.path().join("api.json"), r#"{"apis": []}"#).unwrap();
+    let m = dir.path().join("outpost.toml");
+    let (ok, _, err) = run_cli(&["check", "--manifest", m.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(
+        err.contains("plugins[0] 'missing'")
+            && err.contains("nowhere.so")
+            && err.contains("does not exist"),
+        "{err}"
+    );
+    assert!(
+        err.contains("plugins[1] 'garbage'")
+            && err.contains("cannot be loaded as a shared library"),
+        "{err}"
+    );
+    assert!(
+        err.contains("plugins[2] 'pinned'") && err.contains("sha256 mismatch"),
+        "{err}"
+    );
+    if libm.is_some() {
+        assert!(
+            err.contains("plugins[3] 'foreign'") && err.contains("not an Outpost plugin"),
+            "{err}"
+        );
+    }
+
+    // `outpost plugins` lists what a good manifest loads.
+    let good = format!(
+        "[[listeners]]\nname = \"http\"\naddress = \"127.0.0.1:0\"\n\n[[plugins]]\nname = \"basic\"\npath = \"{}\"\n\n[config]\ntype = \"file\"\npath = \"api.json\"\n",
+        basic.display()
+    );
+    std::fs::write(&m, good).unwrap();
+    let (ok, out, err) = run_cli(&["plugins", "--manifest", m.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("basic: policy-basic 0.1.0 (api level 1, kinds: policy)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("set-header, check-header, return-response"),
+        "{out}"
+    );
+}
+
+#[tokio::test]
+async fn a_policy_error_response_uses_the_json_error_shape() {
+    // A configuration whose policy refuses with the gateway's JSON error body shape.
+    let backend = Backend::start().await;
+    let gw = Gateway::start(GatewaySpec {
+        manifest: plugins_manifest(),
+        api: pipeline_config(&backend.url(false)),
+        files: Vec::new(),
+        watch_ms: 100,
+    });
+    let r = get(&client(), &gw, "/svc/guarded/echo", "all-key-12").await;
+    assert_eq!(r.status(), 403);
+    assert_eq!(r.headers()["content-type"], "application/json");
+    // Requests the gateway refuses itself are unaffected by policies.
+    let r = client().get(gw.url("/svc/echo")).send().await.unwrap();
+    assert_error(r, 401, "subscription_key_missing").await;
+}
