@@ -282,3 +282,102 @@ async fn a_policy_error_response_uses_the_json_error_shape() {
     let r = client().get(gw.url("/svc/echo")).send().await.unwrap();
     assert_error(r, 401, "subscription_key_missing").await;
 }
+
+fn containment_spec(backend: &str, disable: &str) -> GatewaySpec {
+    let manifest = format!(
+        "{LISTENER_HTTP}\n[[plugins]]\nname = \"basic\"\npath = \"{}\"\n\n[[plugins]]\nname = \"fixtures\"\npath = \"{}\"\n{disable}\n",
+        plugin_library("outpost_policy_basic").display(),
+        plugin_library("outpost_fixture_policies").display(),
+    );
+    let api = json!({
+        "backends": [{ "id": "b", "urls": [backend] }],
+        "apis": [{
+            "id": "svc", "path": "/svc", "backend": "b", "subscription_required": false,
+            "policies": {
+                "inbound": [
+                    { "policy": "set-var", "config": { "name": "v", "value": "hello" } },
+                    { "policy": "panic" },
+                    { "policy": "fail" },
+                    { "policy": "var-to-header", "config": { "name": "v", "header": "x-var" } }
+                ],
+                "outbound": [
+                    { "policy": "var-to-header", "config": { "name": "v", "header": "x-var-out" } }
+                ],
+                "on_error": [{ "policy": "error-to-response", "config": { "status": 418 } }]
+            },
+            "operations": [{ "id": "any", "method": "*", "url_template": "/*" }]
+        }]
+    });
+    GatewaySpec {
+        manifest,
+        api,
+        files: Vec::new(),
+        watch_ms: 100,
+    }
+}
+
+async fn with_header(gw: &Gateway, name: &str) -> reqwest::Response {
+    client()
+        .get(gw.url("/svc/echo"))
+        .header(name, "1")
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn variables_on_error_and_panics_are_contained() {
+    let backend = Backend::start().await;
+    let gw = Gateway::start(containment_spec(
+        &backend.url(false),
+        "disable_after_panics = 2\nwhen_disabled = \"fail_open\"",
+    ));
+
+    // Two libraries side by side; a variable set inbound is seen inbound and outbound.
+    let r = with_header(&gw, "x-nothing").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-var-out"], "hello");
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["headers"]["x-var"][0], "hello");
+
+    // An error runs on-error with the error visible.
+    let r = with_header(&gw, "x-fail").await;
+    assert_eq!(r.status(), 418);
+    assert_eq!(
+        r.text().await.unwrap(),
+        "handled: the fail fixture was asked to fail"
+    );
+
+    // A panic fails only its request, with 500; the gateway carries on.
+    for _ in 0..2 {
+        let r = with_header(&gw, "x-panic").await;
+        assert_error(r, 500, "policy_failed").await;
+        let r = with_header(&gw, "x-nothing").await;
+        assert_eq!(r.status(), 200);
+    }
+    let panics = gw.wait_for_log("Policy panicked; the request fails with 500.", 2);
+    assert_eq!(panics[1]["panics"], 2);
+    assert_eq!(panics[1]["plugin"], "fixtures");
+    gw.wait_for_log("Policy disabled after repeated panics.", 1);
+    // Disabled, fail open: the step is skipped.
+    let r = with_header(&gw, "x-panic").await;
+    assert_eq!(r.status(), 200);
+}
+
+#[tokio::test]
+async fn a_disabled_policy_can_fail_closed() {
+    let backend = Backend::start().await;
+    let gw = Gateway::start(containment_spec(
+        &backend.url(false),
+        "disable_after_panics = 1",
+    ));
+    let r = with_header(&gw, "x-panic").await;
+    assert_error(r, 500, "policy_failed").await;
+    let r = with_header(&gw, "x-nothing").await;
+    let body = assert_error(r, 500, "policy_failed").await;
+    assert!(
+        body["message"].as_str().unwrap().contains("disabled"),
+        "{body}"
+    );
+    assert_eq!(backend.requests(), 0);
+}
