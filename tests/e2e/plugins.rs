@@ -381,3 +381,90 @@ async fn a_disabled_policy_can_fail_closed() {
     );
     assert_eq!(backend.requests(), 0);
 }
+
+#[tokio::test]
+async fn a_third_party_plugin_built_on_its_own_serves_requests() {
+    let lib = outpost_tests::gateway::build_external(
+        "examples/third-party-plugin",
+        "acme_outpost_plugin",
+    );
+    let backend = Backend::start().await;
+    let gw = Gateway::start(GatewaySpec {
+        manifest: format!(
+            "{LISTENER_HTTP}\n[[plugins]]\nname = \"acme\"\npath = \"{}\"\nsha256 = \"{}\"\n",
+            lib.display(),
+            outpost_tests::certs::sha256_hex(&std::fs::read(&lib).unwrap())
+        ),
+        api: json!({
+            "backends": [{ "id": "b", "urls": [backend.url(false)] }],
+            "apis": [{
+                "id": "svc", "path": "/svc", "backend": "b", "subscription_required": false,
+                "policies": { "inbound": [{ "policy": "acme-tag", "config": { "tag": "blue" } }],
+                              "outbound": [{ "policy": "acme-tag", "config": { "tag": "blue" } }] },
+                "operations": [{ "id": "any", "method": "*", "url_template": "/*" }]
+            }]
+        }),
+        files: Vec::new(),
+        watch_ms: 100,
+    });
+    let r = client().get(gw.url("/svc/echo")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-acme-seen"], "1");
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["headers"]["x-acme-tag"][0], "blue");
+    let r = client()
+        .get(gw.url("/svc/echo"))
+        .header("x-acme-block", "1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    // The plugin's log line went through the gateway's tracing, under its name.
+    let logged = gw.wait_for_log("acme-tag ready with tag 'blue'", 1);
+    assert_eq!(logged[0]["plugin"], "acme");
+}
+
+#[test]
+fn abort_builds_and_changed_layouts_are_refused_with_the_reason() {
+    let abort = outpost_tests::gateway::build_external(
+        "tests/fixtures/abort-plugin",
+        "outpost_fixture_abort",
+    );
+    let changed = outpost_tests::gateway::build_external(
+        "tests/fixtures/layout-changed/plugin",
+        "outpost_fixture_layout_changed",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("outpost.toml");
+    std::fs::write(
+        &m,
+        format!(
+            "[[listeners]]\nname = \"http\"\naddress = \"127.0.0.1:0\"\n\n[[plugins]]\nname = \"abort\"\npath = \"{}\"\n\n[[plugins]]\nname = \"changed\"\npath = \"{}\"\n\n[config]\ntype = \"file\"\npath = \"api.json\"\n",
+            abort.display(),
+            changed.display()
+        ),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("api.json"), r#"{"apis": []}"#).unwrap();
+    let (ok, _, err) = run_cli(&["check", "--manifest", m.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(
+        err.contains("plugins[0] 'abort'") && err.contains("panic = \"abort\""),
+        "{err}"
+    );
+    assert!(
+        err.contains("plugins[1] 'changed'") && err.contains("a shared type changed"),
+        "{err}"
+    );
+    assert!(
+        err.contains("PluginInfo"),
+        "the message names the type: {err}"
+    );
+    // And `run` refuses to start the same way.
+    let (ok, out, err) = run_cli(&["run", "--manifest", m.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(
+        format!("{out}{err}").contains("panic = \"abort\""),
+        "{out}{err}"
+    );
+}

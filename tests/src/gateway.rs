@@ -293,3 +293,37 @@ pub fn plugin_library(crate_name: &str) -> PathBuf {
     );
     path
 }
+
+/// Builds a Cargo project that is not part of the workspace (a third-party plugin, a fixture
+/// with its own profile or API copy) with cargo, into `target/external`, and returns its
+/// cdylib. Concurrent callers are serialised by cargo's own lock.
+pub fn build_external(project: &str, lib_name: &str) -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("repository root")
+        .to_owned();
+    let target = root.join("target").join("external");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let out = Command::new(cargo)
+        .args(["build", "--quiet", "--locked", "--manifest-path"])
+        .arg(root.join(project).join("Cargo.toml"))
+        .arg("--target-dir")
+        .arg(&target)
+        .env_remove("CARGO_TARGET_DIR")
+        .env_remove("RUSTFLAGS")
+        .output()
+        .expect("run cargo");
+    assert!(
+        out.status.success(),
+        "building {project} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let path = target.join("debug").join(format!(
+        "{}{}{}",
+        std::env::consts::DLL_PREFIX,
+        lib_name,
+        std::env::consts::DLL_SUFFIX
+    ));
+    assert!(path.exists(), "{} was not built", path.display());
+    path
+}

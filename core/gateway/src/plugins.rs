@@ -204,16 +204,67 @@ fn describe(e: LibraryError) -> String {
         ),
         LibraryError::AbiInstability(e) => {
             let text = e.to_string();
-            let mut lines = text.lines().filter(|l| !l.trim().is_empty());
-            let summary: Vec<&str> = lines.by_ref().take(12).collect();
             tracing::debug!(diff = %text, "Plugin layout mismatch.");
             format!(
-                "its types do not match this gateway's plugin API (a shared type changed):\n    {}",
-                summary.join("\n    ")
+                "its types do not match this gateway's plugin API (a shared type changed): {}",
+                summarize_layout_diff(&text)
             )
         }
         LibraryError::RootModule { err, .. } => format!("the plugin failed while loading: {err}"),
         other => other.to_string(),
+    }
+}
+
+/// The essence of abi_stable's layout diff: where the mismatch is (type › field › …) and what
+/// differs. The whole diff is logged at debug level.
+fn summarize_layout_diff(text: &str) -> String {
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    let mut found = Vec::new();
+    let mut i = 0;
+    while i < lines.len() {
+        let l = lines[i];
+        if !l.contains("error(s)inside:") || l.starts_with("0 ") {
+            i += 1;
+            continue;
+        }
+        let mut path = Vec::new();
+        i += 1;
+        while i < lines.len() && !lines[i].starts_with("Layout of expected type") {
+            if let Some(f) = lines[i].strip_prefix("field_name:") {
+                if f != "0" && f != "__returns" {
+                    path.push(f);
+                }
+            } else if let Some(t) = lines[i].strip_prefix("type:") {
+                if t != "AFunctionPointer" {
+                    path.push(t);
+                }
+            }
+            i += 1;
+        }
+        let mut what = Vec::new();
+        while i < lines.len() && !lines[i].contains("error(s)") {
+            if let Some(e) = lines[i].strip_prefix("Error:") {
+                let expected = lines.get(i + 2).copied().unwrap_or("?");
+                let got = lines.get(i + 4).copied().unwrap_or("?");
+                what.push(format!("{e} (expected {expected}, found {got})"));
+            }
+            i += 1;
+        }
+        found.push(format!("at {}: {}", path.join(" › "), what.join("; ")));
+    }
+    if found.is_empty() {
+        lines
+            .iter()
+            .take(8)
+            .copied()
+            .collect::<Vec<_>>()
+            .join(" | ")
+    } else {
+        found.join("; ")
     }
 }
 
