@@ -135,9 +135,10 @@ PID[nginx]=$LAST_PID
 VARIANTS+=(nginx)
 wait_http "http://127.0.0.1:${PORT[nginx]}/bench/small" "${PID[nginx]}" "$TMP/nginx/error.log"
 
-# start_outpost NAME API_JSON: one more outpost variant, measured against the same nginx.
+# start_outpost NAME API_JSON [EXTRA_MANIFEST_TOML]: one more outpost variant, measured against
+# the same nginx.
 start_outpost() {
-  local name=$1 dir=$TMP/$1 port
+  local name=$1 dir=$TMP/$1 port extra=${3:-}
   port=$(free_port)
   mkdir -p "$dir"
   cp "$2" "$dir/api.json"
@@ -151,6 +152,8 @@ level = "warn"
 [[listeners]]
 name = "http"
 address = "127.0.0.1:$port"
+
+$extra
 
 [config]
 type = "file"
@@ -178,7 +181,28 @@ if [[ $ONLY_NGINX != 1 ]]; then
 }
 EOF
   start_outpost outpost "$TMP/api.json"
-  # More variants go here, e.g.: start_outpost outpost-10-policies "$TMP/api-policies.json"
+  # The same API with 10 no-op policies from a plugin library on every request: the cost of
+  # the plugin ABI on the request path.
+  FIXTURES=${OUTPOST_FIXTURES:-$(dirname "$OUTPOST_BIN")/liboutpost_fixture_policies.so}
+  if [[ -f $FIXTURES ]]; then
+    noops=$(printf '{"policy": "noop"},%.0s' {1..10})
+    noops=${noops%,}
+    cat >"$TMP/api-policies.json" <<EOF
+{
+  "backends": [{"id": "backend", "urls": ["http://127.0.0.1:$BACKEND_PORT"]}],
+  "apis": [{
+    "id": "bench", "path": "/bench", "backend": "backend", "subscription_required": false,
+    "policies": {"inbound": [$noops]},
+    "operations": [{"id": "all", "method": "*", "url_template": "/*"}]
+  }]
+}
+EOF
+    start_outpost outpost-10-policies "$TMP/api-policies.json" "[[plugins]]
+name = \"fixtures\"
+path = \"$FIXTURES\""
+  else
+    echo "bench: $FIXTURES missing (cargo build --release -p outpost-fixture-policies); skipping the policy variant" >&2
+  fi
 fi
 
 # --- measurement ------------------------------------------------------------

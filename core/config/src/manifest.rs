@@ -50,7 +50,7 @@ pub struct PluginEntry {
     /// Disable a policy instance of this library after this many panics (absent: never).
     #[serde(default)]
     pub disable_after_panics: Option<u64>,
-    /// What a disabled instance does: `fail_closed` (answer 503, default) or `fail_open`
+    /// What a disabled instance does: `fail_closed` (answer 500 `policy_failed`, default) or `fail_open`
     /// (skip the step).
     #[serde(default)]
     pub when_disabled: FailMode,
