@@ -247,10 +247,11 @@ sha256 = "{zeros}"
         );
     }
 
-    // `outpost plugins` lists what a good manifest loads.
+    // `outpost plugins` lists what a good manifest loads; here the library is named and found
+    // in the plugin directory.
     let good = format!(
-        "[[listeners]]\nname = \"http\"\naddress = \"127.0.0.1:0\"\n\n[[plugins]]\nname = \"basic\"\npath = \"{}\"\n\n[config]\ntype = \"file\"\npath = \"api.json\"\n",
-        basic.display()
+        "[runtime]\nplugin_dir = \"{}\"\n\n[[listeners]]\nname = \"http\"\naddress = \"127.0.0.1:0\"\n\n[[plugins]]\nname = \"basic\"\nlibrary = \"outpost_policy_basic\"\n\n[config]\ntype = \"file\"\npath = \"api.json\"\n",
+        basic.parent().unwrap().display()
     );
     std::fs::write(&m, good).unwrap();
     let (ok, out, err) = run_cli(&["plugins", "--manifest", m.to_str().unwrap()]);
@@ -467,4 +468,45 @@ fn abort_builds_and_changed_layouts_are_refused_with_the_reason() {
         format!("{out}{err}").contains("panic = \"abort\""),
         "{out}{err}"
     );
+}
+
+#[tokio::test]
+async fn a_plugin_built_against_api_1_0_keeps_loading() {
+    let old = outpost_tests::gateway::build_external(
+        "tests/fixtures/api-1.0-plugin",
+        "outpost_fixture_api_1_0",
+    );
+    let backend = Backend::start().await;
+    let gw = Gateway::start(GatewaySpec {
+        manifest: format!(
+            "{LISTENER_HTTP}\n[[plugins]]\nname = \"old\"\npath = \"{}\"\n\n[[plugins]]\nname = \"basic\"\npath = \"{}\"\n",
+            old.display(),
+            plugin_library("outpost_policy_basic").display()
+        ),
+        api: json!({
+            "backends": [{ "id": "b", "urls": [backend.url(false)] }],
+            "apis": [{
+                "id": "svc", "path": "/svc", "backend": "b", "subscription_required": false,
+                "policies": { "inbound": [
+                    { "policy": "old-stamp" },
+                    { "policy": "set-header", "config": { "name": "x-new", "value": "1" } }
+                ] },
+                "operations": [{ "id": "any", "method": "*", "url_template": "/*" }]
+            }]
+        }),
+        files: Vec::new(),
+        watch_ms: 100,
+    });
+    // Loaded, initialised with today's host services, and serving next to a current plugin.
+    // (A guard: any change to the live API that old plugins cannot load fails here.)
+    let loaded = gw.wait_for_log("Plugin loaded.", 2);
+    assert_eq!(loaded[0]["name"], "api-1.0-fixture");
+    assert_eq!(loaded[0]["api_level"], 1);
+    let logged = gw.wait_for_log("api 1.0 fixture initialised", 1);
+    assert_eq!(logged[0]["plugin"], "api-1.0-fixture");
+    let r = client().get(gw.url("/svc/echo")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["headers"]["x-old-plugin"][0], "1");
+    assert_eq!(v["headers"]["x-new"][0], "1");
 }

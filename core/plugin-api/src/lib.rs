@@ -5,18 +5,21 @@
 //! layout comparison of [`OutpostPlugin`] and everything reachable from it), then calls
 //! [`OutpostPlugin::info`], [`OutpostPlugin::init`] and a factory per instance.
 //!
-//! # Evolution rules (append-only)
+//! # Evolution rules
 //!
 //! * Never remove, rename, reorder or retype a field of a `#[repr(C)]` type or a method of a
 //!   `#[sabi_trait]`; field and method names are part of the layout.
-//! * New root-module fields and new trait methods go **after** the `#[sabi(last_prefix_field)]`
-//!   marker, which never moves within a major version. The host reads such a field with the
-//!   accessor, which returns `None` for plugins built against an older 1.x. New trait methods get
-//!   a default body, used when an older plugin's vtable lacks them.
+//! * **Do not append either, within 1.x.** abi_stable 0.11's layout check refuses a library
+//!   whose prefix types (the root module, trait vtables) have *fewer* fields than the host's
+//!   (measured here; abi_stable issue #118). Appending a root-module field or a trait method
+//!   would therefore stop every plugin built against the older layout from loading. The
+//!   test `a_plugin_built_against_api_1_0_keeps_loading` loads a plugin built against a frozen
+//!   copy of 1.0 (`tests/fixtures/api-1.0`) and fails on such a change.
+//! * New capabilities come as a new root-module type for the new level (its own name), while
+//!   frozen copies of the older levels' types stay in this crate; the host tries the newest
+//!   level first and falls back, adapting older plugins. Bump [`API_LEVEL`] with each level.
 //! * New decision or error values are new constants of the integer newtypes ([`Flow`],
-//!   [`ErrorKind`]), never enum variants.
-//! * Bump [`API_LEVEL`] with every addition; plugins report the level they were built against and
-//!   the host refuses a plugin that needs a newer level than it provides.
+//!   [`ErrorKind`]), never enum variants: a constant changes no layout.
 //!
 //! # Panics
 //!
