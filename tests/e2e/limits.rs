@@ -308,3 +308,42 @@ async fn http1_only_listeners_refuse_http2() {
     assert_eq!(r.status(), 200);
     assert_eq!(r.version(), reqwest::Version::HTTP_11);
 }
+
+#[tokio::test]
+async fn at_the_connection_limit_new_clients_wait_until_a_slot_frees() {
+    let backend = Backend::start().await;
+    let gw = Gateway::start(spec_with(
+        "[limits]\nmax_connections = 2\n",
+        open_api(&backend.url(false)),
+    ));
+    let addr = gw.addr("http");
+    // Two connections hold both slots (one idle, one after a served request).
+    let idle = TcpStream::connect(addr).await.unwrap();
+    let mut busy = TcpStream::connect(addr).await.unwrap();
+    busy.write_all(b"GET /svc/echo HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 12];
+    busy.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"HTTP/1.1 200");
+    // A third is not served while they are open...
+    let mut third = TcpStream::connect(addr).await.unwrap();
+    third
+        .write_all(b"GET /svc/echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let early = tokio::time::timeout(Duration::from_millis(700), third.read_to_end(&mut out)).await;
+    assert!(
+        early.is_err() && out.is_empty(),
+        "served past the limit: {out:?}"
+    );
+    // ...and is as soon as one closes.
+    drop(idle);
+    tokio::time::timeout(Duration::from_secs(10), third.read_to_end(&mut out))
+        .await
+        .expect("served once a slot freed")
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out).starts_with("HTTP/1.1 200"));
+    drop(busy);
+}

@@ -225,6 +225,9 @@ pub struct Limits {
     pub tls_handshake_timeout_ms: u64,
     /// Concurrent streams per HTTP/2 connection.
     pub http2_max_concurrent_streams: u32,
+    /// Open client connections per listener. At the limit the listener stops accepting until
+    /// one closes (new clients wait in the kernel's backlog instead of exhausting descriptors).
+    pub max_connections: usize,
 }
 
 impl Default for Limits {
@@ -235,6 +238,7 @@ impl Default for Limits {
             header_read_timeout_ms: 65_000,
             tls_handshake_timeout_ms: 10_000,
             http2_max_concurrent_streams: 256,
+            max_connections: 16_384,
         }
     }
 }
@@ -578,6 +582,7 @@ fn validate_limits(limits: &Limits, upstream: &Upstream, runtime: &Runtime, repo
             "limits.http2_max_concurrent_streams",
             u64::from(limits.http2_max_concurrent_streams),
         ),
+        ("limits.max_connections", limits.max_connections as u64),
         ("upstream.connect_timeout_ms", upstream.connect_timeout_ms),
         (
             "upstream.response_header_timeout_ms",

@@ -37,6 +37,7 @@ struct ListenerConf {
     http: HttpServer,
     handshake_timeout: Duration,
     first_request_timeout: Duration,
+    connections: Arc<tokio::sync::Semaphore>,
 }
 
 enum HttpServer {
@@ -98,6 +99,7 @@ impl Bound {
                 http: http_server(cfg, limits),
                 handshake_timeout: Duration::from_millis(limits.tls_handshake_timeout_ms),
                 first_request_timeout: Duration::from_millis(limits.header_read_timeout_ms),
+                connections: Arc::new(tokio::sync::Semaphore::new(limits.max_connections)),
             }),
         })
     }
@@ -112,6 +114,11 @@ impl Bound {
         let Bound { tcp, conf, .. } = self;
         let mut stop = drain.clone();
         loop {
+            // A free connection slot first: at the limit, clients wait in the backlog.
+            let permit = tokio::select! {
+                p = conf.connections.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+                _ = stop.started() => break,
+            };
             let accepted = tokio::select! {
                 r = tcp.accept() => r,
                 _ = stop.started() => break,
@@ -137,6 +144,7 @@ impl Bound {
             let drain = drain.clone();
             tokio::spawn(async move {
                 conf.connection(stream, remote, shared, drain).await;
+                drop(permit);
             });
         }
         drop(tcp);
