@@ -347,3 +347,22 @@ async fn at_the_connection_limit_new_clients_wait_until_a_slot_frees() {
     assert!(String::from_utf8_lossy(&out).starts_with("HTTP/1.1 200"));
     drop(busy);
 }
+
+#[tokio::test]
+async fn a_backend_that_never_answers_the_connect_is_a_504() {
+    let (addr, _held, _sock) = outpost_tests::black_hole();
+    let api = json!({
+        "backends": [{ "id": "hole", "urls": [format!("http://{addr}")] }],
+        "apis": [{ "id": "hole", "path": "/hole", "backend": "hole", "subscription_required": false,
+                   "operations": [{ "id": "h", "method": "*", "url_template": "/*" }] }]
+    });
+    let gw = Gateway::start(spec_with("[upstream]\nconnect_timeout_ms = 300\n", api));
+    let started = std::time::Instant::now();
+    let r = client().get(gw.url("/hole/x")).send().await.unwrap();
+    let body = assert_error(r, 504, "backend_timeout").await;
+    assert!(
+        body["message"].as_str().unwrap().contains("connect"),
+        "{body}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
