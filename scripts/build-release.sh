@@ -1,13 +1,35 @@
 #!/usr/bin/env bash
 # The release build, exactly as the Dockerfile runs it (CI runs it too, so what the image
-# builds is tested). Produces target/release/outpost and checks that it starts and that the
-# shipped manifests are valid.
+# builds is tested). Produces target/release/outpost and the first-party plugin libraries, and
+# checks that the binary starts, accepts the shipped manifests and loads the plugins from a
+# plugin directory laid out as in the image.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-cargo build --release --locked -p outpost
+cargo build --release --locked -p outpost -p outpost-policy-basic
 
 bin=target/release/outpost
 "$bin" --version
 "$bin" check --manifest examples/quickstart/outpost.toml
 "$bin" check --manifest examples/docker/outpost.toml
+
+plugin_dir=$(mktemp -d)
+trap 'rm -rf "$plugin_dir"' EXIT
+cp target/release/liboutpost_policy_basic.so "$plugin_dir/"
+cat >"$plugin_dir/check.toml" <<EOF
+[runtime]
+plugin_dir = "$plugin_dir"
+
+[[listeners]]
+name = "http"
+address = "127.0.0.1:0"
+
+[[plugins]]
+name = "basic"
+library = "outpost_policy_basic"
+
+[config]
+type = "file"
+path = "$PWD/examples/docker/api.json"
+EOF
+"$bin" plugins --manifest "$plugin_dir/check.toml"
