@@ -378,34 +378,35 @@ impl PolicyInstance {
         }
     }
 
-    /// Runs the request hook on `headers`.
+    /// Runs the request hook on the request head.
     pub fn on_request(
         &self,
         parts: &mut http::request::Parts,
         ctx: &mut HostContext<'_>,
     ) -> StepResult {
-        match self.disabled() {
-            Some(FailMode::FailOpen) => return StepResult::Continue,
-            Some(FailMode::FailClosed) => {
-                ctx.error = format!("policy '{}' is disabled after repeated panics", self.name);
-                return StepResult::Failed;
-            }
-            None => {}
-        }
-        let mut view = RequestView { parts };
-        let flow = {
-            let mut head = HttpHead_TO::from_ptr(RMut::new(&mut view), TD_Opaque);
-            let mut c = RequestContext_TO::from_ptr(RMut::new(&mut *ctx), TD_Opaque);
-            self.policy.on_request(&mut head, &mut c)
-        };
-        self.outcome(flow, ctx)
+        self.run(&mut RequestView { parts }, ctx, |p, head, c| {
+            p.on_request(head, c)
+        })
     }
 
-    /// Runs the response hook on `parts`.
+    /// Runs the response hook on the response head.
     pub fn on_response(
         &self,
         parts: &mut http::response::Parts,
         ctx: &mut HostContext<'_>,
+    ) -> StepResult {
+        self.run(&mut ResponseView { parts }, ctx, |p, head, c| {
+            p.on_response(head, c)
+        })
+    }
+
+    /// One hook call: skipped or failed when the instance is disabled, otherwise the plugin
+    /// sees `view` and `ctx` through trait objects built on the stack.
+    fn run<V: api::HttpHead>(
+        &self,
+        view: &mut V,
+        ctx: &mut HostContext<'_>,
+        hook: impl FnOnce(&PolicyBox, &mut api::HeadMut<'_>, &mut api::ContextMut<'_>) -> Flow,
     ) -> StepResult {
         match self.disabled() {
             Some(FailMode::FailOpen) => return StepResult::Continue,
@@ -415,11 +416,10 @@ impl PolicyInstance {
             }
             None => {}
         }
-        let mut view = ResponseView { parts };
         let flow = {
-            let mut head = HttpHead_TO::from_ptr(RMut::new(&mut view), TD_Opaque);
+            let mut head = HttpHead_TO::from_ptr(RMut::new(view), TD_Opaque);
             let mut c = RequestContext_TO::from_ptr(RMut::new(&mut *ctx), TD_Opaque);
-            self.policy.on_response(&mut head, &mut c)
+            hook(&self.policy, &mut head, &mut c)
         };
         self.outcome(flow, ctx)
     }

@@ -331,7 +331,7 @@ async fn serve(
     });
     if let (Some(p), Some(ctx)) = (pipeline, ctx.as_mut()) {
         let steps = p.inbound.iter().chain(p.backend.iter());
-        if let Some(resp) = run_request_steps(steps, p, &mut parts, ctx)? {
+        if let Some(resp) = run_steps(steps, p, ctx, |s, c| s.on_request(&mut parts, c))? {
             return Ok(resp);
         }
     }
@@ -423,7 +423,9 @@ async fn serve(
     if let (Some(p), Some(ctx)) = (pipeline, ctx.as_mut()) {
         if !p.outbound.is_empty() {
             let (mut rparts, body) = resp.into_parts();
-            if let Some(local) = run_response_steps(p, &mut rparts, ctx)? {
+            if let Some(local) = run_steps(p.outbound.iter(), p, ctx, |s, c| {
+                s.on_response(&mut rparts, c)
+            })? {
                 return Ok(local);
             }
             resp = Response::from_parts(rparts, body);
@@ -460,52 +462,23 @@ async fn serve(
     Ok(resp.map(|inner| ResponseBody::upstream(inner, idle)))
 }
 
-/// Runs request hooks in order; on an error, the on-error section. Returns the response a
-/// policy answered with, if any.
-fn run_request_steps<'p>(
+/// Runs hooks in order (`run` calls one hook on the head); on an error, the on-error section
+/// with the same hook kind. Returns the response a policy answered with, if any.
+fn run_steps<'p>(
     steps: impl Iterator<Item = &'p Arc<PolicyInstance>>,
-    pipeline: &Pipeline,
-    parts: &mut http::request::Parts,
+    pipeline: &'p Pipeline,
     ctx: &mut HostContext<'_>,
+    mut run: impl FnMut(&PolicyInstance, &mut HostContext<'_>) -> StepResult,
 ) -> Result<Option<Response<ResponseBody>>, ProxyError> {
     for step in steps {
-        match step.on_request(parts, ctx) {
+        match run(step, ctx) {
             StepResult::Continue => {}
             StepResult::Respond => return Ok(ctx.response.take().map(local_response)),
             StepResult::Failed => return Err(ProxyError::PolicyFailed(ctx.error.clone())),
             StepResult::Error => {
                 for handler in &pipeline.on_error {
-                    match handler.on_request(parts, ctx) {
-                        StepResult::Continue => {}
-                        _ => break,
-                    }
-                }
-                return match ctx.response.take() {
-                    Some(r) => Ok(Some(local_response(r))),
-                    None => Err(ProxyError::PolicyFailed(ctx.error.clone())),
-                };
-            }
-        }
-    }
-    Ok(None)
-}
-
-/// Runs the outbound section on a response head, with on-error as for requests.
-fn run_response_steps(
-    pipeline: &Pipeline,
-    parts: &mut http::response::Parts,
-    ctx: &mut HostContext<'_>,
-) -> Result<Option<Response<ResponseBody>>, ProxyError> {
-    for step in &pipeline.outbound {
-        match step.on_response(parts, ctx) {
-            StepResult::Continue => {}
-            StepResult::Respond => return Ok(ctx.response.take().map(local_response)),
-            StepResult::Failed => return Err(ProxyError::PolicyFailed(ctx.error.clone())),
-            StepResult::Error => {
-                for handler in &pipeline.on_error {
-                    match handler.on_response(parts, ctx) {
-                        StepResult::Continue => {}
-                        _ => break,
+                    if run(handler, ctx) != StepResult::Continue {
+                        break;
                     }
                 }
                 return match ctx.response.take() {
