@@ -384,7 +384,7 @@ impl PolicyInstance {
         parts: &mut http::request::Parts,
         ctx: &mut HostContext<'_>,
     ) -> StepResult {
-        self.run(&mut RequestView { parts }, ctx, |p, head, c| {
+        self.run(&mut HeadView::request(parts), ctx, |p, head, c| {
             p.on_request(head, c)
         })
     }
@@ -395,7 +395,7 @@ impl PolicyInstance {
         parts: &mut http::response::Parts,
         ctx: &mut HostContext<'_>,
     ) -> StepResult {
-        self.run(&mut ResponseView { parts }, ctx, |p, head, c| {
+        self.run(&mut HeadView::response(parts), ctx, |p, head, c| {
             p.on_response(head, c)
         })
     }
@@ -517,87 +517,80 @@ impl api::RequestContext for HostContext<'_> {
     }
 }
 
-fn get<'h>(headers: &'h HeaderMap, name: RStr<'_>) -> ROption<RSlice<'h, u8>> {
-    headers
-        .get(name.as_str())
-        .map(|v| RSlice::from_slice(v.as_bytes()))
-        .into()
+/// A request or response head as policies see it: the header map borrowed mutably, the rest
+/// borrowed read-only (empty strings and status 0 where a field does not apply).
+struct HeadView<'p> {
+    headers: &'p mut HeaderMap,
+    method: &'p str,
+    path: &'p str,
+    query: &'p str,
+    status: u16,
 }
 
-fn set(headers: &mut HeaderMap, name: RStr<'_>, value: RSlice<'_, u8>, append: bool) -> bool {
-    let (Ok(n), Ok(v)) = (
-        HeaderName::from_bytes(name.as_str().as_bytes()),
-        HeaderValue::from_bytes(value.as_slice()),
-    ) else {
-        return false;
-    };
-    if append {
-        headers.append(n, v);
-    } else {
-        headers.insert(n, v);
+impl<'p> HeadView<'p> {
+    fn request(parts: &'p mut http::request::Parts) -> Self {
+        Self {
+            headers: &mut parts.headers,
+            method: parts.method.as_str(),
+            path: parts.uri.path(),
+            query: parts.uri.query().unwrap_or_default(),
+            status: 0,
+        }
     }
-    true
+
+    fn response(parts: &'p mut http::response::Parts) -> Self {
+        Self {
+            headers: &mut parts.headers,
+            method: "",
+            path: "",
+            query: "",
+            status: parts.status.as_u16(),
+        }
+    }
+
+    fn put(&mut self, name: RStr<'_>, value: RSlice<'_, u8>, append: bool) -> bool {
+        let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(name.as_str().as_bytes()),
+            HeaderValue::from_bytes(value.as_slice()),
+        ) else {
+            return false;
+        };
+        if append {
+            self.headers.append(n, v);
+        } else {
+            self.headers.insert(n, v);
+        }
+        true
+    }
 }
 
-struct RequestView<'p> {
-    parts: &'p mut http::request::Parts,
-}
-
-impl api::HttpHead for RequestView<'_> {
+impl api::HttpHead for HeadView<'_> {
     fn method(&self) -> RStr<'_> {
-        self.parts.method.as_str().into()
+        self.method.into()
     }
     fn path(&self) -> RStr<'_> {
-        self.parts.uri.path().into()
+        self.path.into()
     }
     fn query(&self) -> RStr<'_> {
-        self.parts.uri.query().unwrap_or_default().into()
+        self.query.into()
     }
     fn status(&self) -> u16 {
-        0
+        self.status
     }
     fn header(&self, name: RStr<'_>) -> ROption<RSlice<'_, u8>> {
-        get(&self.parts.headers, name)
+        self.headers
+            .get(name.as_str())
+            .map(|v| RSlice::from_slice(v.as_bytes()))
+            .into()
     }
     fn set_header(&mut self, name: RStr<'_>, value: RSlice<'_, u8>) -> bool {
-        set(&mut self.parts.headers, name, value, false)
+        self.put(name, value, false)
     }
     fn append_header(&mut self, name: RStr<'_>, value: RSlice<'_, u8>) -> bool {
-        set(&mut self.parts.headers, name, value, true)
+        self.put(name, value, true)
     }
     fn remove_header(&mut self, name: RStr<'_>) -> bool {
-        self.parts.headers.remove(name.as_str()).is_some()
-    }
-}
-
-struct ResponseView<'p> {
-    parts: &'p mut http::response::Parts,
-}
-
-impl api::HttpHead for ResponseView<'_> {
-    fn method(&self) -> RStr<'_> {
-        "".into()
-    }
-    fn path(&self) -> RStr<'_> {
-        "".into()
-    }
-    fn query(&self) -> RStr<'_> {
-        "".into()
-    }
-    fn status(&self) -> u16 {
-        self.parts.status.as_u16()
-    }
-    fn header(&self, name: RStr<'_>) -> ROption<RSlice<'_, u8>> {
-        get(&self.parts.headers, name)
-    }
-    fn set_header(&mut self, name: RStr<'_>, value: RSlice<'_, u8>) -> bool {
-        set(&mut self.parts.headers, name, value, false)
-    }
-    fn append_header(&mut self, name: RStr<'_>, value: RSlice<'_, u8>) -> bool {
-        set(&mut self.parts.headers, name, value, true)
-    }
-    fn remove_header(&mut self, name: RStr<'_>) -> bool {
-        self.parts.headers.remove(name.as_str()).is_some()
+        self.headers.remove(name.as_str()).is_some()
     }
 }
 

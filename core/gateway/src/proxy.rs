@@ -317,7 +317,8 @@ async fn serve(
 
     // Policies: inbound and backend sections see the client's request and may change it or
     // answer it; the context (variables, last error) carries on to outbound and on-error.
-    let sub_id = ids.subscription.clone();
+    // Only requests that run policies pay for the context.
+    let sub_id = pipeline.and(ids.subscription.clone());
     let mut ctx = pipeline.map(|_| HostContext {
         api_id: &api.id,
         operation_id: &op.id,
