@@ -257,7 +257,7 @@ sha256 = "{zeros}"
     let (ok, out, err) = run_cli(&["plugins", "--manifest", m.to_str().unwrap()]);
     assert!(ok, "{err}");
     assert!(
-        out.contains("basic: policy-basic 0.1.0 (api level 1, kinds: policy)"),
+        out.contains("basic: policy-basic 0.1.0 (api level 2, kinds: policy)"),
         "{out}"
     );
     assert!(

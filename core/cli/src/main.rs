@@ -68,23 +68,29 @@ fn plugins(path: &std::path::Path) -> ExitCode {
             for lib in &host.libraries {
                 let i = &lib.info;
                 let mut kinds = Vec::new();
-                for (bit, name) in [(1, "policy"), (2, "sink"), (4, "cache"), (8, "backup")] {
+                let mut provides = Vec::new();
+                for (bit, kind, plural, names) in [
+                    (1, "policy", "policies", &i.policies),
+                    (2, "sink", "sinks", &i.sinks),
+                    (4, "cache", "caches", &i.caches),
+                    (8, "backup", "stores", &i.stores),
+                ] {
                     if i.kinds & bit != 0 {
-                        kinds.push(name);
+                        kinds.push(kind);
+                    }
+                    if !names.is_empty() {
+                        let names: Vec<&str> = names.iter().map(|n| n.as_str()).collect();
+                        provides.push(format!("{plural}: {}", names.join(", ")));
                     }
                 }
                 println!(
-                    "{}: {} {} (api level {}, kinds: {}) policies: {} [{}]",
+                    "{}: {} {} (api level {}, kinds: {}) {} [{}]",
                     lib.entry,
                     i.name,
                     i.version,
                     i.api_level,
                     kinds.join(", "),
-                    i.policies
-                        .iter()
-                        .map(|p| p.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", "),
+                    provides.join("; "),
                     lib.path.display()
                 );
             }

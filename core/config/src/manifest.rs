@@ -28,6 +28,10 @@ pub struct Manifest {
     pub shutdown: Shutdown,
     /// Plugin libraries to load, in order (`[[plugins]]`).
     pub plugins: Vec<PluginEntry>,
+    /// Caches policies use (`[[caches]]`); the first is the default.
+    pub caches: Vec<CacheEntry>,
+    /// The telemetry queue and its sinks (`[telemetry]`, `[[telemetry.sinks]]`).
+    pub telemetry: Telemetry,
     /// Where the API configuration comes from.
     pub config: ConfigSource,
 }
@@ -260,6 +264,8 @@ pub struct Upstream {
     /// A response body from a backend that sends nothing for this long is cut off (the client
     /// sees the response end abruptly). Raise it for event streams with rare heartbeats.
     pub body_idle_timeout_ms: u64,
+    /// Default deadline of an HTTP call a policy makes through the gateway.
+    pub callout_timeout_ms: u64,
 }
 
 impl Default for Upstream {
@@ -271,8 +277,79 @@ impl Default for Upstream {
             max_idle_per_host: 256,
             tunnel_idle_timeout_ms: 300_000,
             body_idle_timeout_ms: 300_000,
+            callout_timeout_ms: 10_000,
         }
     }
+}
+
+/// `[[caches]]`: a cache instance provided by a loaded plugin.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheEntry {
+    /// The name policies use (unique). The first cache listed is the default one.
+    pub name: String,
+    /// The cache type, as a loaded plugin names it (for example `cache-memory`).
+    pub provider: String,
+    /// Deadline for each operation; past it the answer is a timeout (a miss for lookups).
+    /// Default 100 ms.
+    #[serde(default = "default_cache_timeout_ms")]
+    pub timeout_ms: u64,
+    /// The instance's configuration, passed to the plugin as JSON.
+    #[serde(default = "empty_object")]
+    pub config: serde_json::Value,
+}
+
+fn default_cache_timeout_ms() -> u64 {
+    100
+}
+
+fn empty_object() -> serde_json::Value {
+    serde_json::Value::Object(serde_json::Map::new())
+}
+
+/// `[telemetry]`: the per-request records and metric snapshots sent to sinks.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Telemetry {
+    /// Records queued per sink; when a sink falls this far behind, new records for it are
+    /// dropped and counted (`outpost_telemetry_dropped_total`). Default 16384.
+    pub queue_capacity: usize,
+    /// Most records per `export` call. Default 512.
+    pub batch_max: usize,
+    /// A partial batch is exported after waiting this long. Default 1000 ms.
+    pub flush_interval_ms: u64,
+    /// Metric snapshots go to sinks this often. Default 15000 ms.
+    pub metrics_interval_ms: u64,
+    /// At shutdown, sinks get this long to deliver what they hold. Default 5000 ms.
+    pub shutdown_flush_ms: u64,
+    /// The sinks (`[[telemetry.sinks]]`).
+    pub sinks: Vec<SinkEntry>,
+}
+
+impl Default for Telemetry {
+    fn default() -> Self {
+        Self {
+            queue_capacity: 16_384,
+            batch_max: 512,
+            flush_interval_ms: 1_000,
+            metrics_interval_ms: 15_000,
+            shutdown_flush_ms: 5_000,
+            sinks: Vec::new(),
+        }
+    }
+}
+
+/// `[[telemetry.sinks]]`: a telemetry sink provided by a loaded plugin.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinkEntry {
+    /// A name for logs and metrics (unique).
+    pub name: String,
+    /// The sink type, as a loaded plugin names it (for example `access-log`).
+    pub provider: String,
+    /// The instance's configuration, passed to the plugin as JSON.
+    #[serde(default = "empty_object")]
+    pub config: serde_json::Value,
 }
 
 /// `[shutdown]`: what SIGTERM / SIGINT do.
@@ -328,6 +405,8 @@ const SECTIONS: &[&str] = &[
     "upstream",
     "shutdown",
     "plugins",
+    "caches",
+    "telemetry",
     "config",
 ];
 
@@ -370,6 +449,7 @@ impl Manifest {
         let limits = section::<Limits>(&table, "limits", &mut report);
         let upstream = section::<Upstream>(&table, "upstream", &mut report);
         let shutdown = section::<Shutdown>(&table, "shutdown", &mut report);
+        let telemetry = section::<Telemetry>(&table, "telemetry", &mut report);
 
         let mut listeners = Vec::new();
         match table.get("listeners") {
@@ -438,6 +518,60 @@ impl Manifest {
             Some(_) => report.push("plugins", "must be an array of tables ([[plugins]])"),
         }
 
+        let mut caches = Vec::new();
+        match table.get("caches") {
+            None => {}
+            Some(toml::Value::Array(items)) => {
+                let mut names = HashSet::new();
+                for (i, item) in items.iter().enumerate() {
+                    let prefix = format!("caches[{i}]");
+                    let Some(c) =
+                        deserialize_into::<CacheEntry, _>(item.clone(), &prefix, &mut report)
+                    else {
+                        continue;
+                    };
+                    if c.name.trim().is_empty() {
+                        report.push(join_path(&prefix, "name"), "must not be empty");
+                    } else if !names.insert(c.name.clone()) {
+                        report.push(
+                            join_path(&prefix, "name"),
+                            format!("duplicate cache name '{}'", c.name),
+                        );
+                    }
+                    if c.timeout_ms == 0 {
+                        report.push(join_path(&prefix, "timeout_ms"), "must be positive");
+                    }
+                    caches.push(c);
+                }
+            }
+            Some(_) => report.push("caches", "must be an array of tables ([[caches]])"),
+        }
+        if let Some(t) = &telemetry {
+            if t.queue_capacity == 0 {
+                report.push("telemetry.queue_capacity", "must be positive");
+            }
+            if t.batch_max == 0 {
+                report.push("telemetry.batch_max", "must be positive");
+            }
+            if t.flush_interval_ms == 0 {
+                report.push("telemetry.flush_interval_ms", "must be positive");
+            }
+            if t.metrics_interval_ms == 0 {
+                report.push("telemetry.metrics_interval_ms", "must be positive");
+            }
+            let mut names = HashSet::new();
+            for (i, s) in t.sinks.iter().enumerate() {
+                if s.name.trim().is_empty() {
+                    report.push(format!("telemetry.sinks[{i}].name"), "must not be empty");
+                } else if !names.insert(s.name.as_str()) {
+                    report.push(
+                        format!("telemetry.sinks[{i}].name"),
+                        format!("duplicate sink name '{}'", s.name),
+                    );
+                }
+            }
+        }
+
         let config = match table.get("config") {
             None => {
                 report.push("config", "missing: say where the API configuration comes from, e.g. [config] type = \"file\" path = \"api.json\"");
@@ -454,8 +588,15 @@ impl Manifest {
             runtime.as_ref().unwrap_or(&Runtime::default()),
             &mut report,
         );
-        let (Some(gateway), Some(runtime), Some(log), Some(limits), Some(upstream), Some(shutdown)) =
-            (gateway, runtime, log, limits, upstream, shutdown)
+        let (
+            Some(gateway),
+            Some(runtime),
+            Some(log),
+            Some(limits),
+            Some(upstream),
+            Some(shutdown),
+            Some(telemetry),
+        ) = (gateway, runtime, log, limits, upstream, shutdown, telemetry)
         else {
             return Err(report);
         };
@@ -493,6 +634,8 @@ impl Manifest {
             upstream,
             shutdown,
             plugins,
+            caches,
+            telemetry,
             config,
         })
     }

@@ -14,6 +14,89 @@ use hyper::body::Incoming;
 use pin_project_lite::pin_project;
 
 pin_project! {
+    /// A body as it comes from the other side: still streaming, read into memory by a policy
+    /// (and possibly replaced), or partly read (a policy's limit was reached) with the rest
+    /// still streaming.
+    #[project = SourceProj]
+    #[allow(missing_docs)] // variants: see the constructors
+    pub enum Source {
+        Stream {
+            #[pin]
+            inner: Incoming,
+        },
+        Full {
+            data: Option<Bytes>,
+        },
+        Prefixed {
+            prefix: Option<Bytes>,
+            #[pin]
+            rest: Incoming,
+        },
+    }
+}
+
+impl From<Incoming> for Source {
+    fn from(inner: Incoming) -> Self {
+        Source::Stream { inner }
+    }
+}
+
+impl Source {
+    /// A complete body.
+    pub fn full(data: Bytes) -> Self {
+        Source::Full {
+            data: (!data.is_empty()).then_some(data),
+        }
+    }
+}
+
+impl Body for Source {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.project() {
+            SourceProj::Stream { inner } => inner.poll_frame(cx),
+            SourceProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            SourceProj::Prefixed { prefix, rest } => match prefix.take() {
+                Some(d) => Poll::Ready(Some(Ok(Frame::data(d)))),
+                None => rest.poll_frame(cx),
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Source::Stream { inner } => inner.is_end_stream(),
+            Source::Full { data } => data.is_none(),
+            Source::Prefixed { prefix, rest } => prefix.is_none() && rest.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Source::Stream { inner } => inner.size_hint(),
+            Source::Full { data } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+            Source::Prefixed { prefix, rest } => {
+                let p = prefix.as_ref().map_or(0, |d| d.len() as u64);
+                let r = rest.size_hint();
+                let mut h = SizeHint::new();
+                h.set_lower(r.lower() + p);
+                if let Some(u) = r.upper() {
+                    h.set_upper(u + p);
+                }
+                h
+            }
+        }
+    }
+}
+
+pin_project! {
     /// What the gateway answers a client with: a backend's streamed body, or a body of its own.
     #[project = ResponseBodyProj]
     #[allow(missing_docs)] // fields: see `ResponseBody::upstream` and `ResponseBody::full`
@@ -22,7 +105,7 @@ pin_project! {
         /// Cut off when the backend sends nothing for `idle`.
         Upstream {
             #[pin]
-            inner: Incoming,
+            inner: Source,
             idle: Duration,
             moved: bool,
             timer: Option<Pin<Box<tokio::time::Sleep>>>,
@@ -40,9 +123,9 @@ pub struct BodyIdleTimeout(Duration);
 impl ResponseBody {
     /// A backend's body, cut off after `idle` without data. The timer is only created once the
     /// body actually waits, so a response that arrives in one piece never touches it.
-    pub fn upstream(inner: Incoming, idle: Duration) -> Self {
+    pub fn upstream(inner: impl Into<Source>, idle: Duration) -> Self {
         Self::Upstream {
-            inner,
+            inner: inner.into(),
             idle,
             moved: false,
             timer: None,
@@ -200,7 +283,7 @@ pin_project! {
     /// A client's request body on its way to the backend, counted against the body limit.
     pub struct RequestBody {
         #[pin]
-        inner: Incoming,
+        inner: Source,
         limit: u64,
         seen: u64,
         progress: Option<Arc<Progress>>,
@@ -209,9 +292,13 @@ pin_project! {
 
 impl RequestBody {
     /// Wraps `inner`; `limit` is `u64::MAX` when there is none.
-    pub fn new(inner: Incoming, limit: Option<u64>, progress: Option<Arc<Progress>>) -> Self {
+    pub fn new(
+        inner: impl Into<Source>,
+        limit: Option<u64>,
+        progress: Option<Arc<Progress>>,
+    ) -> Self {
         Self {
-            inner,
+            inner: inner.into(),
             limit: limit.unwrap_or(u64::MAX),
             seen: 0,
             progress,
@@ -269,4 +356,78 @@ impl Body for RequestBody {
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
     }
+}
+
+/// What reading a body into memory gave.
+#[derive(Debug)]
+pub enum Buffered {
+    /// The whole body (the source now holds a copy of it).
+    Complete(Bytes),
+    /// More than the limit: the source now holds what was read followed by the rest.
+    TooLarge,
+}
+
+/// Why a body could not be read into memory.
+#[derive(Debug, thiserror::Error)]
+pub enum BufferError {
+    /// The other side failed while sending it.
+    #[error("reading the body failed: {0}")]
+    Failed(#[from] hyper::Error),
+    /// The other side sent nothing for too long.
+    #[error("the body stalled for {0:?}")]
+    Idle(Duration),
+}
+
+/// Reads a body into memory, up to `limit` bytes, waiting at most `idle` for each piece.
+/// Trailers of a buffered body are dropped.
+pub async fn buffer(
+    source: &mut Source,
+    limit: u64,
+    idle: Duration,
+) -> Result<Buffered, BufferError> {
+    use http_body_util::BodyExt;
+
+    let (mut collected, rest) = match std::mem::replace(source, Source::Full { data: None }) {
+        Source::Full { data } => {
+            let data = data.unwrap_or_default();
+            let fits = data.len() as u64 <= limit;
+            *source = Source::full(data.clone());
+            return Ok(if fits {
+                Buffered::Complete(data)
+            } else {
+                Buffered::TooLarge
+            });
+        }
+        Source::Stream { inner } => (bytes::BytesMut::new(), inner),
+        Source::Prefixed { prefix, rest } => (
+            bytes::BytesMut::from(prefix.unwrap_or_default().as_ref()),
+            rest,
+        ),
+    };
+    let mut rest = rest;
+    loop {
+        if collected.len() as u64 > limit {
+            *source = Source::Prefixed {
+                prefix: Some(collected.freeze()),
+                rest,
+            };
+            return Ok(Buffered::TooLarge);
+        }
+        if rest.is_end_stream() {
+            break;
+        }
+        match tokio::time::timeout(idle, rest.frame()).await {
+            Err(_) => return Err(BufferError::Idle(idle)),
+            Ok(None) => break,
+            Ok(Some(Err(e))) => return Err(BufferError::Failed(e)),
+            Ok(Some(Ok(frame))) => {
+                if let Ok(data) = frame.into_data() {
+                    collected.extend_from_slice(&data);
+                }
+            }
+        }
+    }
+    let data = collected.freeze();
+    *source = Source::full(data.clone());
+    Ok(Buffered::Complete(data))
 }

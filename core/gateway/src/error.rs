@@ -20,6 +20,17 @@ pub enum ErrorSource {
     Gateway,
 }
 
+impl ErrorSource {
+    /// The name telemetry uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorSource::Client => "client",
+            ErrorSource::Backend => "backend",
+            ErrorSource::Gateway => "gateway",
+        }
+    }
+}
+
 /// A request that the gateway answers itself instead of proxying.
 #[derive(Debug)]
 pub enum ProxyError {

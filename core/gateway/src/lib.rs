@@ -10,11 +10,13 @@ pub mod error;
 pub mod headers;
 pub mod health;
 pub mod listener;
+pub mod metrics;
 pub mod plugins;
 pub mod proxy;
 pub mod reload;
 pub mod router;
 pub mod snapshot;
+pub mod telemetry;
 pub mod tls;
 pub mod upstream;
 
@@ -75,6 +77,14 @@ pub fn check(manifest: &Manifest) -> Vec<String> {
         }
     };
     let clients = ClientCache::new(manifest.upstream.clone());
+    if let Err(e) = plugins::Services::new(manifest, &plugins, &clients) {
+        problems.extend(e);
+    }
+    for (i, s) in manifest.telemetry.sinks.iter().enumerate() {
+        if let Err(e) = plugins.sink(&s.provider, &s.config) {
+            problems.push(format!("telemetry.sinks[{i}] '{}': {e}", s.name));
+        }
+    }
     match &manifest.config {
         ConfigSource::File(f) => {
             if let Err(r) = reload::load_file(&f.path, &clients, &plugins) {
@@ -121,11 +131,17 @@ impl Gateway {
             })
             .filter_map(|h| http::HeaderName::from_bytes(h.as_bytes()).ok())
             .collect();
+        let services =
+            plugins::Services::new(manifest, &plugins, &clients).map_err(StartError::Plugins)?;
+        let telemetry = telemetry::Telemetry::start(&manifest.telemetry, &plugins)
+            .map_err(StartError::Plugins)?;
         let shared = Arc::new(Shared::new(
             manifest.limits.clone(),
             manifest.upstream.clone(),
             manifest.log.access_log,
             reserved_headers,
+            services,
+            telemetry,
         ));
         let ConfigSource::File(source) = &manifest.config;
         let initial_stamp = reload::stamp(&source.path);
@@ -231,6 +247,15 @@ impl Gateway {
             tracing::info!("All connections finished.");
         } else {
             tracing::warn!("Drain timeout reached; closing the remaining connections.");
+        }
+        if self.shared.telemetry.is_some() {
+            let shared = self.shared.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                if let Some(t) = &shared.telemetry {
+                    t.shutdown();
+                }
+            })
+            .await;
         }
         drained
     }

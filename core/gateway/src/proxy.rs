@@ -18,15 +18,23 @@ use hyper_util::rt::TokioIo;
 use outpost_config::{Limits, Upstream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::body::{BodyState, Progress, RequestBody, RequestBodyError, ResponseBody};
+use crate::body::{
+    buffer, BodyState, BufferError, Buffered, Progress, RequestBody, RequestBodyError,
+    ResponseBody, Source,
+};
 use crate::error::ProxyError;
 use crate::headers;
 use crate::health;
 use crate::listener::Drain;
-use crate::plugins::{HostContext, LocalResponse, Pipeline, PolicyInstance, StepResult};
+use crate::plugins::{
+    Done, Hook, HostContext, LocalResponse, Msg, Pipeline, PolicyInstance, Services, StepResult,
+    Work,
+};
 use crate::router::match_operation;
 use crate::snapshot::Snapshot;
+use crate::telemetry::{Record, Telemetry};
 use crate::tls::ClientCertificate;
+use outpost_plugin_api::{phase, HostStatus};
 
 /// State shared by every connection of the process.
 #[derive(Debug)]
@@ -44,6 +52,10 @@ pub struct Shared {
     /// Headers only the gateway may set (client-certificate thumbprints of any listener):
     /// removed from every request before forwarding.
     pub reserved_headers: Vec<HeaderName>,
+    /// Caches and HTTP calls for policies.
+    pub services: Services,
+    /// Telemetry sinks (`None`: requests build no record).
+    pub telemetry: Option<Telemetry>,
 }
 
 impl Shared {
@@ -53,6 +65,8 @@ impl Shared {
         upstream: Upstream,
         access_log: bool,
         reserved_headers: Vec<HeaderName>,
+        services: Services,
+        telemetry: Option<Telemetry>,
     ) -> Self {
         Self {
             snapshot: ArcSwapOption::empty(),
@@ -61,6 +75,8 @@ impl Shared {
             upstream,
             access_log,
             reserved_headers,
+            services,
+            telemetry,
         }
     }
 }
@@ -128,10 +144,19 @@ pub async fn handle(
     let version = req.version();
     let log_path = shared.access_log.then(|| req.uri().path().to_owned());
     let mut ids = RouteIds::default();
+    let mut record = shared
+        .telemetry
+        .as_ref()
+        .map(|_| begin_record(&conn, &req, &request_id));
 
-    let mut resp = match serve(&shared, &conn, req, &request_id, &mut ids).await {
+    let mut resp = match serve(&shared, &conn, req, &request_id, &mut ids, record.as_mut()).await {
         Ok(resp) => resp,
         Err(e) => {
+            if let Some(r) = record.as_mut() {
+                r.error_source = e.source().as_str();
+                r.error_reason = e.code();
+                r.error_message = e.to_string();
+            }
             match e.source() {
                 crate::error::ErrorSource::Backend => tracing::warn!(
                     request_id = request_id.to_str().unwrap_or_default(),
@@ -153,6 +178,15 @@ pub async fn handle(
     }
     resp.headers_mut()
         .insert(&headers::X_REQUEST_ID, request_id.clone());
+    if let (Some(t), Some(mut r)) = (shared.telemetry.as_ref(), record) {
+        r.status = resp.status().as_u16();
+        r.total_us = started.elapsed().as_micros() as u64;
+        r.bytes_out = http_body::Body::size_hint(resp.body()).exact().unwrap_or(0);
+        r.api_id = ids.api.clone();
+        r.operation_id = ids.operation.clone();
+        r.subscription_id = ids.subscription.clone();
+        t.offer(r);
+    }
     if let Some(path) = log_path {
         tracing::info!(
             target: "outpost::access",
@@ -172,6 +206,47 @@ pub async fn handle(
     Ok(resp)
 }
 
+/// The parts of a request's telemetry record known when it arrives.
+fn begin_record(conn: &ConnInfo, req: &Request<Incoming>, request_id: &HeaderValue) -> Record {
+    let h = req.headers();
+    let text = |name: header::HeaderName| {
+        h.get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let parent_span_id = h
+        .get(&headers::TRACEPARENT)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split('-').nth(2))
+        .filter(|s| s.len() == 16)
+        .unwrap_or_default()
+        .to_owned();
+    Record {
+        time_unix_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
+        request_id: request_id.to_str().unwrap_or_default().to_owned(),
+        parent_span_id,
+        listener: conn.listener.clone(),
+        client_ip: conn.forwarded.ip().to_owned(),
+        method: req.method().as_str().to_owned(),
+        host: req
+            .uri()
+            .authority()
+            .map(|a| a.as_str().to_owned())
+            .unwrap_or_else(|| text(header::HOST)),
+        path: req.uri().path().to_owned(),
+        bytes_in: h
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
+        user_agent: text(header::USER_AGENT),
+        ..Record::default()
+    }
+}
+
 /// Ids of what a request matched, for logs.
 #[derive(Default)]
 struct RouteIds {
@@ -186,6 +261,7 @@ async fn serve(
     mut req: Request<Incoming>,
     request_id: &HeaderValue,
     ids: &mut RouteIds,
+    mut record: Option<&mut Record>,
 ) -> Result<Response<ResponseBody>, ProxyError> {
     if let Some(resp) = health::answer(shared, req.uri().path()) {
         return Ok(resp);
@@ -244,6 +320,9 @@ async fn serve(
         });
     };
     ids.operation = Some(op.id.clone());
+    if let Some(r) = record.as_deref_mut() {
+        r.route = Some(op.route.clone());
+    }
 
     // Subscription: header first, then query parameter, as APIM. Either way the key is
     // removed from what the backend sees.
@@ -277,6 +356,10 @@ async fn serve(
         product = sub.product.as_ref();
     }
     let pipeline = op.pipeline(product.map(|(i, _)| *i));
+    if let Some(r) = record.as_deref_mut() {
+        r.product_id = product.map(|(_, id)| id.clone());
+        r.backend_id = Some(api.backend.id.clone());
+    }
 
     // The backend request.
     let backend = &api.backend;
@@ -288,15 +371,67 @@ async fn serve(
             Cow::Borrowed(q)
         }
     });
+    // The part of the path after the API's prefix (a suffix of the path).
+    let rest_start = path.len() - rest.len();
+    let query = query.map(Cow::into_owned);
+    let downstream_version = req.version();
+    let upgrade = downstream_version == Version::HTTP_11 && headers::is_upgrade(req.headers());
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+
+    let (mut parts, body) = req.into_parts();
+    let mut source = Source::from(body);
+
+    // Policies: inbound and backend sections see the client's request and may change it or
+    // answer it; the context (variables, last error) carries on to outbound and on-error.
+    // Only requests that run policies pay for the context.
+    let sub_id = pipeline.and(ids.subscription.clone());
+    let mut ctx = pipeline.map(|_| HostContext {
+        api_id: &api.id,
+        operation_id: &op.id,
+        operation_template: &op.route,
+        product_id: product.map_or("", |(_, id)| &**id),
+        subscription_id: sub_id.as_deref().unwrap_or_default(),
+        client_ip: conn.forwarded.ip(),
+        request_id: request_id.to_str().unwrap_or_default(),
+        ..HostContext::default()
+    });
+    if let (Some(p), Some(ctx)) = (pipeline, ctx.as_mut()) {
+        let mut msg = Msg::Request(&mut parts);
+        for (section, steps) in [(phase::INBOUND, &p.inbound), (phase::BACKEND, &p.backend)] {
+            ctx.phase = section;
+            let run = run_section(shared, steps, p, Hook::Request, &mut msg, ctx, &mut source);
+            if let Some(resp) = run.await? {
+                return Ok(resp);
+            }
+        }
+        if ctx.body_replaced {
+            source = Source::full(ctx.body.take().unwrap_or_default());
+        }
+        if ctx.body.is_some() || ctx.body_replaced {
+            fix_length(&mut parts.headers, &source);
+        }
+        if let Some(r) = record.as_deref_mut() {
+            r.cache = ctx.cache_status.clone();
+        }
+    }
+    let rewrite = parts.extensions.remove::<crate::plugins::BackendRewrite>();
+    let rest = &parts.uri.path()[rest_start..];
+    let (rest, query) = match &rewrite {
+        Some(rw) => (
+            rw.path.as_deref().unwrap_or(rest),
+            rw.query.as_deref().or(query.as_deref()),
+        ),
+        None => (rest, query.as_deref()),
+    };
     let mut pq = String::with_capacity(
-        target.base_path.len() + rest.len() + 1 + query.as_ref().map_or(0, |q| q.len() + 1),
+        target.base_path.len() + rest.len() + 1 + query.map_or(0, |q| q.len() + 1),
     );
     pq.push_str(&target.base_path);
     pq.push_str(rest);
     if pq.is_empty() {
         pq.push('/');
     }
-    if let Some(q) = query.as_deref().filter(|q| !q.is_empty()) {
+    if let Some(q) = query.filter(|q| !q.is_empty()) {
         pq.push('?');
         pq.push_str(q);
     }
@@ -308,33 +443,8 @@ async fn serve(
         )
         .build()
         .map_err(|e| ProxyError::BadRequest(e.to_string()))?;
-
-    let downstream_version = req.version();
-    let upgrade = downstream_version == Version::HTTP_11 && headers::is_upgrade(req.headers());
-    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-
-    let (mut parts, body) = req.into_parts();
-
-    // Policies: inbound and backend sections see the client's request and may change it or
-    // answer it; the context (variables, last error) carries on to outbound and on-error.
-    // Only requests that run policies pay for the context.
-    let sub_id = pipeline.and(ids.subscription.clone());
-    let mut ctx = pipeline.map(|_| HostContext {
-        api_id: &api.id,
-        operation_id: &op.id,
-        product_id: product.map_or("", |(_, id)| &**id),
-        subscription_id: sub_id.as_deref().unwrap_or_default(),
-        client_ip: conn.forwarded.ip(),
-        request_id: request_id.to_str().unwrap_or_default(),
-        variables: Vec::new(),
-        error: String::new(),
-        response: None,
-    });
-    if let (Some(p), Some(ctx)) = (pipeline, ctx.as_mut()) {
-        let steps = p.inbound.iter().chain(p.backend.iter());
-        if let Some(resp) = run_steps(steps, p, ctx, |s, c| s.on_request(&mut parts, c))? {
-            return Ok(resp);
-        }
+    if let Some(r) = record.as_deref_mut() {
+        r.backend_url = format!("{}://{}{}", target.scheme, target.authority, uri.path());
     }
     parts.uri = uri;
     parts.version = Version::HTTP_11;
@@ -364,7 +474,7 @@ async fn serve(
         h.insert(name.clone(), value.clone());
     }
 
-    let has_body = !http_body::Body::is_end_stream(&body);
+    let has_body = !http_body::Body::is_end_stream(&source);
     if has_body && !h.contains_key(header::CONTENT_LENGTH) {
         // A body of unknown length (chunked, or HTTP/2 without a length). Say so explicitly:
         // on GET/HEAD the HTTP/1.1 client would otherwise assume there is none and drop it.
@@ -374,10 +484,12 @@ async fn serve(
         );
     }
     let progress = has_body.then(Progress::new);
-    let body = RequestBody::new(body, shared.limits.max_body_bytes, progress.clone());
+    let body = RequestBody::new(source, shared.limits.max_body_bytes, progress.clone());
+    let head_request = parts.method == Method::HEAD;
     let upstream_req = Request::from_parts(parts, body);
 
     let timeout = Duration::from_millis(shared.upstream.response_header_timeout_ms);
+    let backend_started = record.is_some().then(tokio::time::Instant::now);
     let sent = backend.client.request(upstream_req);
     let result = match &progress {
         None => tokio::time::timeout(timeout, sent).await.map_err(|_| ()),
@@ -399,7 +511,7 @@ async fn serve(
     };
     // What happened to the request body decides who is to blame, whatever the client says.
     let body_state = progress.as_ref().map(|p| p.state());
-    let mut resp = match result {
+    let resp = match result {
         Err(()) if body_state == Some(BodyState::Streaming) => {
             return Err(ProxyError::RequestTimeout)
         }
@@ -420,16 +532,43 @@ async fn serve(
         }
         Ok(Ok(resp)) => resp,
     };
+    if let (Some(r), Some(t)) = (record.as_deref_mut(), backend_started) {
+        r.backend_us = t.elapsed().as_micros() as u64;
+        r.backend_status = resp.status().as_u16();
+    }
 
+    let idle = Duration::from_millis(shared.upstream.body_idle_timeout_ms);
+    let mut resp = resp.map(Source::from);
     if let (Some(p), Some(ctx)) = (pipeline, ctx.as_mut()) {
         if !p.outbound.is_empty() {
-            let (mut rparts, body) = resp.into_parts();
-            if let Some(local) = run_steps(p.outbound.iter(), p, ctx, |s, c| {
-                s.on_response(&mut rparts, c)
-            })? {
+            let (mut rparts, mut source) = resp.into_parts();
+            ctx.phase = phase::OUTBOUND;
+            ctx.body = None;
+            ctx.body_replaced = false;
+            let mut msg = Msg::Response(&mut rparts);
+            let run = run_section(
+                shared,
+                &p.outbound,
+                p,
+                Hook::Response,
+                &mut msg,
+                ctx,
+                &mut source,
+            );
+            if let Some(local) = run.await? {
                 return Ok(local);
             }
-            resp = Response::from_parts(rparts, body);
+            if ctx.body_replaced {
+                source = Source::full(ctx.body.take().unwrap_or_default());
+            }
+            let bodyless = head_request || matches!(rparts.status.as_u16(), 100..=199 | 204 | 304);
+            if (ctx.body.is_some() || ctx.body_replaced) && !bodyless {
+                fix_length(&mut rparts.headers, &source);
+            }
+            if let Some(r) = record.as_deref_mut() {
+                r.cache = ctx.cache_status.clone();
+            }
+            resp = Response::from_parts(rparts, source);
         }
     }
 
@@ -459,26 +598,34 @@ async fn serve(
             }
         }
     }
-    let idle = Duration::from_millis(shared.upstream.body_idle_timeout_ms);
     Ok(resp.map(|inner| ResponseBody::upstream(inner, idle)))
 }
 
-/// Runs hooks in order (`run` calls one hook on the head); on an error, the on-error section
-/// with the same hook kind. Returns the response a policy answered with, if any.
-fn run_steps<'p>(
-    steps: impl Iterator<Item = &'p Arc<PolicyInstance>>,
-    pipeline: &'p Pipeline,
+/// How many times one step may pause before it is failed (a policy that never stops asking).
+const MAX_PAUSES: usize = 16;
+
+/// Runs a section's steps in order; on an error, the on-error section on the same head.
+/// Returns the response a policy answered with, if any.
+async fn run_section(
+    shared: &Shared,
+    steps: &[Arc<PolicyInstance>],
+    pipeline: &Pipeline,
+    hook: Hook,
+    msg: &mut Msg<'_>,
     ctx: &mut HostContext<'_>,
-    mut run: impl FnMut(&PolicyInstance, &mut HostContext<'_>) -> StepResult,
+    source: &mut Source,
 ) -> Result<Option<Response<ResponseBody>>, ProxyError> {
     for step in steps {
-        match run(step, ctx) {
+        match run_step(shared, step, hook, msg, ctx, source).await? {
             StepResult::Continue => {}
             StepResult::Respond => return Ok(ctx.response.take().map(local_response)),
             StepResult::Failed => return Err(ProxyError::PolicyFailed(ctx.error.clone())),
-            StepResult::Error => {
+            StepResult::Error | StepResult::Paused => {
+                ctx.phase = phase::ON_ERROR;
                 for handler in &pipeline.on_error {
-                    if run(handler, ctx) != StepResult::Continue {
+                    if run_step(shared, handler, hook, msg, ctx, source).await?
+                        != StepResult::Continue
+                    {
                         break;
                     }
                 }
@@ -490,6 +637,86 @@ fn run_steps<'p>(
         }
     }
     Ok(None)
+}
+
+/// Runs one step: the hook, then as long as it pauses, the work it asked for and its resume
+/// hook.
+async fn run_step(
+    shared: &Shared,
+    step: &PolicyInstance,
+    hook: Hook,
+    msg: &mut Msg<'_>,
+    ctx: &mut HostContext<'_>,
+    source: &mut Source,
+) -> Result<StepResult, ProxyError> {
+    let mut result = step.call(hook, msg, ctx);
+    let mut pauses = 0;
+    while result == StepResult::Paused {
+        pauses += 1;
+        if pauses > MAX_PAUSES {
+            ctx.work.clear();
+            ctx.error = format!("policy '{}' paused more than {MAX_PAUSES} times", step.name);
+            return Ok(StepResult::Error);
+        }
+        for work in std::mem::take(&mut ctx.work) {
+            let (token, done) = match work {
+                Work::Body { token, limit } => {
+                    let request = matches!(msg, Msg::Request(_));
+                    (token, read_body(shared, source, limit, request, ctx).await?)
+                }
+                other => shared.services.perform(other).await,
+            };
+            ctx.answer(token, done);
+        }
+        result = step.call(Hook::Resume, msg, ctx);
+    }
+    Ok(result)
+}
+
+/// Buffers the current message's body for a policy, up to its limit (and never past the
+/// gateway's own body limit for requests).
+async fn read_body(
+    shared: &Shared,
+    source: &mut Source,
+    limit: u64,
+    request: bool,
+    ctx: &mut HostContext<'_>,
+) -> Result<Done, ProxyError> {
+    let gateway_limit = if request {
+        shared.limits.max_body_bytes.unwrap_or(u64::MAX)
+    } else {
+        u64::MAX
+    };
+    let idle = Duration::from_millis(shared.upstream.body_idle_timeout_ms);
+    match buffer(source, limit.min(gateway_limit), idle).await {
+        Ok(Buffered::Complete(data)) => {
+            ctx.body = Some(data);
+            Ok(Done::status(HostStatus::OK))
+        }
+        Ok(Buffered::TooLarge) if limit > gateway_limit => Err(ProxyError::BodyTooLarge {
+            limit: gateway_limit,
+        }),
+        Ok(Buffered::TooLarge) => Ok(Done::failed(
+            HostStatus::TOO_LARGE,
+            format!("the body is larger than {limit} bytes"),
+        )),
+        Err(BufferError::Idle(_)) if request => Err(ProxyError::RequestTimeout),
+        Err(e) if request => Err(ProxyError::BadRequest(format!(
+            "the request body could not be read: {e}"
+        ))),
+        Err(e) => Err(ProxyError::BackendFailed {
+            backend: ctx.api_id.to_owned(),
+            reason: format!("the response body could not be read: {e}"),
+        }),
+    }
+}
+
+/// After a policy read or replaced a body: say its exact length.
+fn fix_length(h: &mut http::HeaderMap, source: &Source) {
+    if let Some(n) = http_body::Body::size_hint(source).exact() {
+        h.remove(header::TRANSFER_ENCODING);
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+    }
 }
 
 /// A policy's response as an HTTP response.
@@ -504,7 +731,7 @@ fn local_response(r: LocalResponse) -> Response<ResponseBody> {
 /// Why a request path is refused, if it is: dot segments (plain or percent-encoded) and
 /// encoded slashes or backslashes could take the backend outside the API's prefix after the
 /// gateway routed and authorised the request on the raw path.
-fn unsafe_path(path: &str) -> Option<&'static str> {
+pub(crate) fn unsafe_path(path: &str) -> Option<&'static str> {
     let bytes = path.as_bytes();
     if !bytes.iter().any(|b| matches!(b, b'.' | b'%' | b'\\')) {
         return None;

@@ -141,6 +141,8 @@ pub struct OperationRoute {
     pub method: Option<Method>,
     /// The URL template.
     pub template: UrlTemplate,
+    /// The template as text, shared (telemetry route label).
+    pub route: std::sync::Arc<str>,
     /// Policy pipelines: one per product whose policies apply (`Some(product index)`), and
     /// the one for requests without a product (`None`), first. Empty when no policies apply.
     pub pipelines: Vec<(Option<usize>, std::sync::Arc<crate::plugins::Pipeline>)>,
@@ -247,6 +249,7 @@ mod tests {
             id: id.into(),
             method,
             template: UrlTemplate::parse(t).expect("template"),
+            route: t.into(),
             pipelines: Vec::new(),
         })
         .collect();

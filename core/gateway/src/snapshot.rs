@@ -182,6 +182,7 @@ impl Snapshot {
                         Method::from_bytes(op.method.as_bytes()).expect("validated method")
                     }),
                     template: UrlTemplate::parse(&op.url_template).expect("validated template"),
+                    route: op.url_template.as_str().into(),
                     pipelines,
                 });
             }

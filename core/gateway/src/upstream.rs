@@ -129,6 +129,11 @@ impl ClientCache {
         })
     }
 
+    /// A client with the system's trust roots and HTTP/1.1 (for HTTP calls policies make).
+    pub fn plain_client(&self) -> Result<UpstreamClient, TlsError> {
+        self.build_client(&BackendTls::default(), false)
+    }
+
     fn build_client(&self, tls: &BackendTls, http2: bool) -> Result<UpstreamClient, TlsError> {
         let roots = match &tls.ca_pem {
             Some(pem) => tls::roots_from_pem(pem.as_bytes(), "backend tls.ca_pem")?,

@@ -1,7 +1,8 @@
 //! Write Outpost plugins in safe Rust.
 //!
 //! A plugin crate depends on this crate only, is built as a `cdylib` with `panic = "unwind"`,
-//! implements [`Policy`] for each policy it offers, and exports them with [`export_plugin!`]:
+//! implements a trait per thing it offers — [`Policy`], [`Sink`] (telemetry), [`Cache`] or
+//! [`Store`] (configuration backups) — and exports them with [`export_plugin!`]:
 //!
 //! ```
 //! use outpost_plugin_sdk::{export_plugin, Context, Flow, Head, Policy};
@@ -40,284 +41,259 @@
 //!
 //! Every entry point the macro exports catches panics inside the plugin: a panicking hook fails
 //! only its request (the gateway answers 500 and counts it); a panicking factory is a
-//! configuration error. Policy hooks run on the request path: keep them free of blocking calls.
-//! [`testing`] runs a policy in a unit test without a gateway.
+//! configuration error. Policy hooks run on the request path: keep them free of blocking calls
+//! (ask the host for waiting work instead: see [`Context`]). Sinks and stores are called from
+//! the gateway's background threads and may block. [`testing`] runs any of them in a unit test
+//! without a gateway; [`runtime`] (feature `runtime`) gives a cache its own tokio runtime.
+//! [`host`] logs into the gateway, defines and bumps metrics, and reads the clock.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::OnceLock;
 
 pub use outpost_plugin_api as api;
-pub use outpost_plugin_api::{Flow, API_LEVEL};
+pub use outpost_plugin_api::{
+    Flow, HostResult, HostStatus, MetricSample, RequestRecord, StoredGeneration, API_LEVEL,
+};
 pub use serde;
 pub use serde_json;
 
 use api::abi_stable::sabi_trait::TD_Opaque;
-use api::abi_stable::std_types::{RResult, RString, RVec};
-use api::{ContextMut, ErrorKind, HeadMut, HostBox, PluginError, PluginInfo, PolicyBox};
+use api::abi_stable::std_types::{RResult, RString};
+use api::{CacheBox, ErrorKind, PluginError, PolicyBox, SinkBox, StoreBox};
 
+pub mod cache;
+pub mod host;
+mod policy;
+#[cfg(feature = "runtime")]
+pub mod runtime;
+mod sink;
+mod store;
 pub mod testing;
 
-/// A policy: created once per policy step of the configuration, then called for every request
-/// that reaches the step.
-pub trait Policy: Send + Sync + Sized + 'static {
-    /// The step's configuration (from the API configuration's `config`), parsed strictly.
-    type Config: serde::de::DeserializeOwned;
+pub use cache::{Cache, Reply};
+pub use host::{log, Metric};
+pub use policy::{Callout, Context, Head, Policy, Token};
+pub use sink::Sink;
+pub use store::Store;
 
-    /// Builds the instance; an error rejects the configuration before it serves.
-    fn new(config: Self::Config) -> Result<Self, String>;
+pub use api::level;
+pub use api::phase;
 
-    /// Inbound and backend sections.
-    fn on_request(&self, req: &mut Head<'_, '_>, ctx: &mut Context<'_, '_>) -> Flow {
-        let _ = (req, ctx);
-        Flow::CONTINUE
-    }
-
-    /// Outbound section.
-    fn on_response(&self, resp: &mut Head<'_, '_>, ctx: &mut Context<'_, '_>) -> Flow {
-        let _ = (resp, ctx);
-        Flow::CONTINUE
-    }
+/// An error from a sink, cache or store: a kind the gateway acts on, and a message for the
+/// operator.
+#[derive(Debug, Clone)]
+pub struct Error {
+    /// What kind of failure ([`ErrorKind`] constants).
+    pub kind: ErrorKind,
+    /// What happened.
+    pub message: String,
 }
 
-/// A request or response head, borrowed from the gateway.
-pub struct Head<'h, 'a> {
-    inner: &'h mut HeadMut<'a>,
-}
-
-impl<'h, 'a> Head<'h, 'a> {
-    /// Wraps the host's view.
-    pub fn new(inner: &'h mut HeadMut<'a>) -> Self {
-        Self { inner }
+impl Error {
+    /// An error of a kind.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
     }
 
-    /// Request method (empty for a response).
-    pub fn method(&self) -> &str {
-        self.inner.method().into()
+    /// The service behind the plugin is unreachable or failed.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::UNAVAILABLE, message)
     }
 
-    /// Request path (empty for a response).
-    pub fn path(&self) -> &str {
-        self.inner.path().into()
+    /// The service did not answer in time.
+    pub fn timeout(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::TIMEOUT, message)
     }
 
-    /// Query string without `?`.
-    pub fn query(&self) -> &str {
-        self.inner.query().into()
+    /// Stored data is damaged.
+    pub fn corrupt(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::CORRUPT, message)
     }
 
-    /// Response status (0 for a request).
-    pub fn status(&self) -> u16 {
-        self.inner.status()
-    }
-
-    /// First value of a header.
-    pub fn header(&self, name: &str) -> Option<&[u8]> {
-        self.inner
-            .header(name.into())
-            .into_option()
-            .map(|s| s.as_slice())
-    }
-
-    /// Replaces a header; false when name or value is not valid HTTP.
-    pub fn set_header(&mut self, name: &str, value: &[u8]) -> bool {
-        self.inner.set_header(name.into(), value.into())
-    }
-
-    /// Adds a header value.
-    pub fn append_header(&mut self, name: &str, value: &[u8]) -> bool {
-        self.inner.append_header(name.into(), value.into())
-    }
-
-    /// Removes a header; false when it was absent.
-    pub fn remove_header(&mut self, name: &str) -> bool {
-        self.inner.remove_header(name.into())
-    }
-}
-
-/// The request's context, borrowed from the gateway.
-pub struct Context<'h, 'a> {
-    inner: &'h mut ContextMut<'a>,
-}
-
-impl<'h, 'a> Context<'h, 'a> {
-    /// Wraps the host's context.
-    pub fn new(inner: &'h mut ContextMut<'a>) -> Self {
-        Self { inner }
-    }
-
-    /// API id.
-    pub fn api_id(&self) -> &str {
-        self.inner.api_id().into()
-    }
-
-    /// Operation id.
-    pub fn operation_id(&self) -> &str {
-        self.inner.operation_id().into()
-    }
-
-    /// Product id (empty when none).
-    pub fn product_id(&self) -> &str {
-        self.inner.product_id().into()
-    }
-
-    /// Subscription id (empty for open APIs).
-    pub fn subscription_id(&self) -> &str {
-        self.inner.subscription_id().into()
-    }
-
-    /// Client IP address.
-    pub fn client_ip(&self) -> &str {
-        self.inner.client_ip().into()
-    }
-
-    /// Request id.
-    pub fn request_id(&self) -> &str {
-        self.inner.request_id().into()
-    }
-
-    /// A variable set by an earlier policy.
-    pub fn variable(&self, name: &str) -> Option<&str> {
-        self.inner
-            .variable(name.into())
-            .into_option()
-            .map(Into::into)
-    }
-
-    /// Sets a variable for later policies.
-    pub fn set_variable(&mut self, name: &str, value: &str) {
-        self.inner.set_variable(name.into(), value.into());
-    }
-
-    /// The error that led to on-error (empty otherwise).
-    pub fn last_error(&self) -> &str {
-        self.inner.last_error().into()
-    }
-
-    /// Records an error; return [`Flow::ERROR`] after it.
-    pub fn set_error(&mut self, message: &str) {
-        self.inner.set_error(message.into());
-    }
-
-    /// Sets the response to answer with; return [`Flow::RESPOND`] after it.
-    pub fn respond(&mut self, status: u16, body: &[u8]) {
-        self.inner.respond(status, body.into());
-    }
-
-    /// Adds a header to the response set with [`Context::respond`].
-    pub fn respond_header(&mut self, name: &str, value: &[u8]) -> bool {
-        self.inner.respond_header(name.into(), value.into())
-    }
-}
-
-/// Logs through the gateway's `tracing` (once the plugin is initialised; before, or in unit
-/// tests without a host, the message is dropped).
-pub fn log(level: u8, message: &str) {
-    if let Some(host) = HOST.get() {
-        if host.log_enabled(level) {
-            host.log(level, message.into());
+    fn into_abi(self) -> PluginError {
+        PluginError {
+            kind: self.kind,
+            message: RString::from(self.message),
         }
     }
 }
 
-pub use api::level;
-
-static HOST: OnceLock<HostBox> = OnceLock::new();
-
-/// Adapts a [`Policy`] to the ABI, catching panics inside the plugin.
-struct Adapter<P>(P);
-
-impl<P: Policy> api::Policy for Adapter<P> {
-    fn on_request(&self, head: &mut HeadMut<'_>, ctx: &mut ContextMut<'_>) -> Flow {
-        catch_unwind(AssertUnwindSafe(|| {
-            self.0
-                .on_request(&mut Head::new(head), &mut Context::new(ctx))
-        }))
-        .unwrap_or(Flow::PANICKED)
-    }
-
-    fn on_response(&self, head: &mut HeadMut<'_>, ctx: &mut ContextMut<'_>) -> Flow {
-        catch_unwind(AssertUnwindSafe(|| {
-            self.0
-                .on_response(&mut Head::new(head), &mut Context::new(ctx))
-        }))
-        .unwrap_or(Flow::PANICKED)
+impl From<String> for Error {
+    fn from(message: String) -> Self {
+        Self::new(ErrorKind::INTERNAL, message)
     }
 }
 
-fn error(kind: ErrorKind, message: impl Into<String>) -> PluginError {
-    PluginError {
-        kind,
-        message: RString::from(message.into()),
+impl From<&str> for Error {
+    fn from(message: &str) -> Self {
+        Self::new(ErrorKind::INTERNAL, message)
     }
+}
+
+impl From<std::io::Error> for Error {
+    fn from(e: std::io::Error) -> Self {
+        Self::new(ErrorKind::UNAVAILABLE, e.to_string())
+    }
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Error {}
+
+/// Runs a blocking entry point, turning its error and any panic into the ABI's error.
+pub(crate) fn guard<T>(f: impl FnOnce() -> Result<T, Error>) -> RResult<T, PluginError> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(v)) => RResult::ROk(v),
+        Ok(Err(e)) => RResult::RErr(e.into_abi()),
+        Err(_) => RResult::RErr(Error::new(ErrorKind::PANICKED, "the plugin panicked").into_abi()),
+    }
+}
+
+fn config<C: serde::de::DeserializeOwned>(json: &str) -> Result<C, PluginError> {
+    serde_json::from_str(json).map_err(|e| Error::new(ErrorKind::CONFIG, e.to_string()).into_abi())
+}
+
+fn rejected(message: String) -> PluginError {
+    Error::new(ErrorKind::CONFIG, message).into_abi()
 }
 
 /// Builds a policy from JSON config (used by [`export_plugin!`] and [`testing`]).
 pub fn new_policy<P: Policy>(config_json: &str) -> Result<PolicyBox, PluginError> {
-    let config: P::Config =
-        serde_json::from_str(config_json).map_err(|e| error(ErrorKind::CONFIG, e.to_string()))?;
-    let policy = P::new(config).map_err(|e| error(ErrorKind::CONFIG, e))?;
-    Ok(api::Policy_TO::from_value(Adapter(policy), TD_Opaque))
+    let policy = P::new(config(config_json)?).map_err(rejected)?;
+    Ok(api::Policy_TO::from_value(
+        policy::Adapter(policy),
+        TD_Opaque,
+    ))
+}
+
+/// Builds a telemetry sink from JSON config.
+pub fn new_sink<S: Sink>(config_json: &str) -> Result<SinkBox, PluginError> {
+    let sink = S::new(config(config_json)?).map_err(rejected)?;
+    Ok(api::TelemetrySink_TO::from_value(
+        sink::Adapter(sink),
+        TD_Opaque,
+    ))
+}
+
+/// Builds a cache from JSON config.
+pub fn new_cache<C: Cache>(config_json: &str) -> Result<CacheBox, PluginError> {
+    let cache = C::new(config(config_json)?).map_err(rejected)?;
+    Ok(api::Cache_TO::from_value(cache::Adapter(cache), TD_Opaque))
+}
+
+/// Builds a backup store from JSON config.
+pub fn new_store<S: Store>(config_json: &str) -> Result<StoreBox, PluginError> {
+    let store = S::new(config(config_json)?).map_err(rejected)?;
+    Ok(api::BackupStore_TO::from_value(
+        store::Adapter(store),
+        TD_Opaque,
+    ))
 }
 
 #[doc(hidden)]
 pub mod __private {
     use super::*;
     pub use api::abi_stable;
+    use api::abi_stable::std_types::RVec;
+    pub use api::abi_stable::std_types::{RResult as Res, RStr as Str};
+    pub use api::{CacheBox, PolicyBox, SinkBox, StoreBox};
+    pub use api::{HostBox, OutpostPlugin, OutpostPlugin_Ref, PluginInfo};
 
-    pub fn info(name: &str, version: &str, policies: &[&str], panic_unwind: bool) -> PluginInfo {
+    fn names(list: &[&str]) -> RVec<RString> {
+        list.iter().map(|p| RString::from(*p)).collect()
+    }
+
+    pub fn info(
+        name: &str,
+        version: &str,
+        [policies, sinks, caches, stores]: [&[&str]; 4],
+        panic_unwind: bool,
+    ) -> PluginInfo {
+        let mut kinds = 0;
+        for (list, bit) in [
+            (policies, api::kinds::POLICY),
+            (sinks, api::kinds::SINK),
+            (caches, api::kinds::CACHE),
+            (stores, api::kinds::BACKUP),
+        ] {
+            if !list.is_empty() {
+                kinds |= bit;
+            }
+        }
         PluginInfo {
             name: name.into(),
             version: version.into(),
             api_level: API_LEVEL,
-            kinds: if policies.is_empty() {
-                0
-            } else {
-                api::kinds::POLICY
-            },
+            kinds,
             panic_unwind,
-            policies: policies
-                .iter()
-                .map(|p| RString::from(*p))
-                .collect::<RVec<_>>(),
+            policies: names(policies),
+            sinks: names(sinks),
+            caches: names(caches),
+            stores: names(stores),
         }
     }
 
     pub fn init(host: HostBox) -> RResult<(), PluginError> {
-        let _ = HOST.set(host);
+        host::install(host);
         RResult::ROk(())
     }
 
-    pub fn guard_policy(
-        f: impl FnOnce() -> Result<PolicyBox, PluginError>,
-    ) -> RResult<PolicyBox, PluginError> {
+    /// Runs a factory, turning a panic into an error.
+    pub fn factory<T>(f: impl FnOnce() -> Result<T, PluginError>) -> RResult<T, PluginError> {
         match catch_unwind(AssertUnwindSafe(f)) {
             Ok(r) => r.into(),
-            Err(_) => RResult::RErr(error(ErrorKind::PANICKED, "the policy factory panicked")),
+            Err(_) => {
+                RResult::RErr(Error::new(ErrorKind::PANICKED, "the factory panicked").into_abi())
+            }
         }
     }
 
-    pub fn unknown_policy(name: &str, known: &[&str]) -> Result<PolicyBox, PluginError> {
-        Err(error(
+    pub fn unknown<T>(kind: &str, name: &str, known: &[&str]) -> Result<T, PluginError> {
+        Err(Error::new(
             ErrorKind::UNSUPPORTED,
-            format!(
-                "no policy named '{name}' (this library has: {})",
-                known.join(", ")
-            ),
-        ))
+            if known.is_empty() {
+                format!("this library provides no {kind}s (asked for '{name}')")
+            } else {
+                format!(
+                    "no {kind} named '{name}' (this library has: {})",
+                    known.join(", ")
+                )
+            },
+        )
+        .into_abi())
     }
 
-    pub use super::new_policy;
-    pub use api::abi_stable::std_types::{RResult as Res, RStr as Str};
+    pub use super::{new_cache, new_policy, new_sink, new_store};
 }
 
-/// Exports a plugin library: its name, version and policies (name → type implementing
-/// [`Policy`]). Use it once, at the crate root of a `cdylib`.
+/// Exports a plugin library: its name, version, and what it provides, by kind (each list is
+/// optional, in this order): `policies`, `sinks`, `caches`, `stores`, each a list of
+/// `"name" => Type`. Use it once, at the crate root of a `cdylib`.
+///
+/// ```ignore
+/// export_plugin! {
+///     name: "acme",
+///     version: env!("CARGO_PKG_VERSION"),
+///     policies: ["acme-check" => Check, "acme-tag" => Tag],
+///     caches: ["acme-cache" => AcmeCache],
+/// }
+/// ```
 #[macro_export]
 macro_rules! export_plugin {
     (
         name: $name:expr,
-        version: $version:expr,
-        policies: [$($pname:literal => $ptype:ty),* $(,)?] $(,)?
+        version: $version:expr
+        $(, policies: [$($pname:literal => $ptype:ty),* $(,)?])?
+        $(, sinks: [$($sname:literal => $stype:ty),* $(,)?])?
+        $(, caches: [$($cname:literal => $ctype:ty),* $(,)?])?
+        $(, stores: [$($bname:literal => $btype:ty),* $(,)?])?
+        $(,)?
     ) => {
         #[doc(hidden)]
         pub mod __outpost_plugin_export {
@@ -326,33 +302,67 @@ macro_rules! export_plugin {
             use $crate::__private as __p;
             use $crate::__private::abi_stable as __abi;
 
-            const POLICIES: &[&str] = &[$($pname),*];
+            const POLICIES: &[&str] = &[$($($pname),*)?];
+            const SINKS: &[&str] = &[$($($sname),*)?];
+            const CACHES: &[&str] = &[$($($cname),*)?];
+            const STORES: &[&str] = &[$($($bname),*)?];
 
-            extern "C" fn info() -> $crate::api::PluginInfo {
-                __p::info($name, $version, POLICIES, cfg!(panic = "unwind"))
+            extern "C" fn info() -> __p::PluginInfo {
+                __p::info($name, $version, [POLICIES, SINKS, CACHES, STORES], cfg!(panic = "unwind"))
             }
 
-            extern "C" fn init(
-                host: $crate::api::HostBox,
-            ) -> __p::Res<(), $crate::api::PluginError> {
+            extern "C" fn init(host: __p::HostBox) -> __p::Res<(), $crate::api::PluginError> {
                 __p::init(host)
             }
 
             extern "C" fn new_policy(
                 name: __p::Str<'_>,
                 config: __p::Str<'_>,
-            ) -> __p::Res<$crate::api::PolicyBox, $crate::api::PluginError> {
-                __p::guard_policy(|| match name.as_str() {
-                    $($pname => __p::new_policy::<$ptype>(config.as_str()),)*
-                    other => __p::unknown_policy(other, POLICIES),
+            ) -> __p::Res<__p::PolicyBox, $crate::api::PluginError> {
+                __p::factory(|| match name.as_str() {
+                    $($($pname => __p::new_policy::<$ptype>(config.as_str()),)*)?
+                    other => __p::unknown("policy", other, POLICIES),
                 })
             }
 
-            fn root() -> $crate::api::OutpostPlugin_Ref {
-                __abi::prefix_type::PrefixTypeTrait::leak_into_prefix($crate::api::OutpostPlugin {
+            extern "C" fn new_sink(
+                name: __p::Str<'_>,
+                config: __p::Str<'_>,
+            ) -> __p::Res<__p::SinkBox, $crate::api::PluginError> {
+                __p::factory(|| match name.as_str() {
+                    $($($sname => __p::new_sink::<$stype>(config.as_str()),)*)?
+                    other => __p::unknown("sink", other, SINKS),
+                })
+            }
+
+            extern "C" fn new_cache(
+                name: __p::Str<'_>,
+                config: __p::Str<'_>,
+            ) -> __p::Res<__p::CacheBox, $crate::api::PluginError> {
+                __p::factory(|| match name.as_str() {
+                    $($($cname => __p::new_cache::<$ctype>(config.as_str()),)*)?
+                    other => __p::unknown("cache", other, CACHES),
+                })
+            }
+
+            extern "C" fn new_store(
+                name: __p::Str<'_>,
+                config: __p::Str<'_>,
+            ) -> __p::Res<__p::StoreBox, $crate::api::PluginError> {
+                __p::factory(|| match name.as_str() {
+                    $($($bname => __p::new_store::<$btype>(config.as_str()),)*)?
+                    other => __p::unknown("store", other, STORES),
+                })
+            }
+
+            fn root() -> __p::OutpostPlugin_Ref {
+                __abi::prefix_type::PrefixTypeTrait::leak_into_prefix(__p::OutpostPlugin {
                     info,
                     init,
                     new_policy,
+                    new_sink,
+                    new_cache,
+                    new_store,
                 })
             }
 
@@ -365,7 +375,7 @@ macro_rules! export_plugin {
                 }
                 // SAFETY: the constructor returns the root module type the header names.
                 unsafe {
-                    __abi::library::LibHeader::from_constructor::<$crate::api::OutpostPlugin_Ref>(
+                    __abi::library::LibHeader::from_constructor::<__p::OutpostPlugin_Ref>(
                         erased,
                         __abi::library::CheckTypeLayout::Yes,
                     )

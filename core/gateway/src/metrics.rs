@@ -1,0 +1,325 @@
+//! The process's metric registry: the gateway's own metrics and those plugins define through
+//! host services, bumped by id. Telemetry sinks receive snapshots of every series.
+//!
+//! Bumping a metric without labels is one atomic operation on a lock-free snapshot of the
+//! definitions; a labelled series takes its metric's lock (labelled metrics are for events
+//! such as panics, cache failures and custom policy metrics, not for every request).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
+
+use arc_swap::ArcSwap;
+use outpost_plugin_api::metric;
+
+/// The most labels a metric may have (as the SDK's `MAX_LABELS`).
+pub const MAX_LABELS: usize = 8;
+
+/// One defined metric.
+#[derive(Debug)]
+pub struct Def {
+    /// Name.
+    pub name: String,
+    /// Help text.
+    pub help: String,
+    /// [`metric`] kind.
+    pub kind: u8,
+    /// Label names.
+    pub labels: Vec<String>,
+    plain: AtomicU64,
+    series: Mutex<HashMap<Box<[String]>, f64>>,
+}
+
+/// Every metric of the process.
+#[derive(Debug, Default)]
+pub struct Registry {
+    defs: ArcSwap<Vec<Arc<Def>>>,
+    define: Mutex<()>,
+}
+
+/// One series' current value, owned (for snapshots).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    /// The metric.
+    pub def: Arc<Def>,
+    /// Label values, in the definition's order.
+    pub label_values: Box<[String]>,
+    /// Value.
+    pub value: f64,
+}
+
+/// The process's registry.
+pub fn global() -> &'static Registry {
+    static REGISTRY: LazyLock<Registry> = LazyLock::new(Registry::default);
+    &REGISTRY
+}
+
+fn valid_name(name: &str, colon: bool) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_' || (colon && c == ':'))
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || (colon && c == ':'))
+}
+
+impl PartialEq for Def {
+    fn eq(&self, other: &Self) -> bool {
+        self.name == other.name
+    }
+}
+
+impl Registry {
+    /// Defines a metric and answers its id (from 1). The same definition again answers the
+    /// same id; an invalid name or label, an unknown kind, or a clash with an existing
+    /// definition of another shape answers an error.
+    pub fn define(&self, name: &str, help: &str, kind: u8, labels: &[&str]) -> Result<u32, String> {
+        if !valid_name(name, true) {
+            return Err(format!("'{name}' is not a valid metric name"));
+        }
+        if kind != metric::COUNTER && kind != metric::GAUGE {
+            return Err(format!("metric '{name}': unknown kind {kind}"));
+        }
+        if labels.len() > MAX_LABELS {
+            return Err(format!("metric '{name}': more than {MAX_LABELS} labels"));
+        }
+        if let Some(l) = labels
+            .iter()
+            .find(|l| !valid_name(l, false) || l.starts_with("__"))
+        {
+            return Err(format!("metric '{name}': '{l}' is not a valid label name"));
+        }
+        let _guard = self.define.lock().unwrap_or_else(|e| e.into_inner());
+        let defs = self.defs.load();
+        if let Some(i) = defs.iter().position(|d| d.name == name) {
+            let d = &defs[i];
+            return if d.kind == kind
+                && d.labels
+                    .iter()
+                    .map(String::as_str)
+                    .eq(labels.iter().copied())
+            {
+                Ok(i as u32 + 1)
+            } else {
+                Err(format!(
+                    "metric '{name}' is already defined with another kind or labels"
+                ))
+            };
+        }
+        let mut next: Vec<Arc<Def>> = defs.iter().cloned().collect();
+        next.push(Arc::new(Def {
+            name: name.into(),
+            help: help.into(),
+            kind,
+            labels: labels.iter().map(|l| (*l).to_owned()).collect(),
+            plain: AtomicU64::new(0f64.to_bits()),
+            series: Mutex::new(HashMap::new()),
+        }));
+        let id = next.len() as u32;
+        self.defs.store(Arc::new(next));
+        Ok(id)
+    }
+
+    fn apply(&self, id: u32, label_values: &[&str], f: impl Fn(f64) -> f64) {
+        let defs = self.defs.load();
+        let Some(d) = id.checked_sub(1).and_then(|i| defs.get(i as usize)) else {
+            return;
+        };
+        if d.labels.len() != label_values.len() {
+            return;
+        }
+        if d.labels.is_empty() {
+            let _ = d
+                .plain
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
+                    Some(f(f64::from_bits(bits)).to_bits())
+                });
+            return;
+        }
+        let mut series = d.series.lock().unwrap_or_else(|e| e.into_inner());
+        match series.iter_mut().find(|(k, _)| {
+            k.iter()
+                .map(String::as_str)
+                .eq(label_values.iter().copied())
+        }) {
+            Some((_, v)) => *v = f(*v),
+            None => {
+                let key: Box<[String]> = label_values.iter().map(|v| (*v).to_owned()).collect();
+                series.insert(key, f(0.0));
+            }
+        }
+    }
+
+    /// Adds to a series (ignored for unknown ids or a wrong number of label values; counters
+    /// never go down).
+    pub fn add(&self, id: u32, label_values: &[&str], value: f64) {
+        if !value.is_finite() {
+            return;
+        }
+        let counter = self
+            .defs
+            .load()
+            .get(id.wrapping_sub(1) as usize)
+            .is_some_and(|d| d.kind == metric::COUNTER);
+        if counter && value < 0.0 {
+            return;
+        }
+        self.apply(id, label_values, |v| v + value);
+    }
+
+    /// Sets a gauge's series.
+    pub fn set(&self, id: u32, label_values: &[&str], value: f64) {
+        let gauge = self
+            .defs
+            .load()
+            .get(id.wrapping_sub(1) as usize)
+            .is_some_and(|d| d.kind == metric::GAUGE);
+        if gauge && value.is_finite() {
+            self.apply(id, label_values, |_| value);
+        }
+    }
+
+    /// Every series' current value (metrics without labels always have one series).
+    pub fn snapshot(&self) -> Vec<Sample> {
+        let mut out = Vec::new();
+        for d in self.defs.load().iter() {
+            if d.labels.is_empty() {
+                out.push(Sample {
+                    def: d.clone(),
+                    label_values: Box::new([]),
+                    value: f64::from_bits(d.plain.load(Ordering::Relaxed)),
+                });
+            } else {
+                let series = d.series.lock().unwrap_or_else(|e| e.into_inner());
+                let mut rows: Vec<_> = series.iter().collect();
+                rows.sort_by(|a, b| a.0.cmp(b.0));
+                for (k, v) in rows {
+                    out.push(Sample {
+                        def: d.clone(),
+                        label_values: k.clone(),
+                        value: *v,
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    /// The current value of a series (tests and diagnostics).
+    pub fn value(&self, name: &str, label_values: &[&str]) -> Option<f64> {
+        self.snapshot()
+            .into_iter()
+            .find(|s| {
+                s.def.name == name
+                    && s.label_values
+                        .iter()
+                        .map(String::as_str)
+                        .eq(label_values.iter().copied())
+            })
+            .map(|s| s.value)
+    }
+}
+
+/// A gateway metric defined once, bumped by id.
+#[derive(Debug, Clone, Copy)]
+pub struct Counter(u32);
+
+impl Counter {
+    /// Defines (or finds) a counter in the global registry.
+    pub fn define(name: &str, help: &str, labels: &[&str]) -> Counter {
+        Counter(
+            global()
+                .define(name, help, metric::COUNTER, labels)
+                .expect("the gateway's own metric definitions are valid"),
+        )
+    }
+
+    /// Adds one.
+    pub fn inc(self, label_values: &[&str]) {
+        global().add(self.0, label_values, 1.0);
+    }
+
+    /// Adds `n`.
+    pub fn add(self, label_values: &[&str], n: f64) {
+        global().add(self.0, label_values, n);
+    }
+}
+
+/// The gateway's own metrics.
+pub mod gateway {
+    use super::Counter;
+    use std::sync::LazyLock;
+
+    /// Policy panics, by plugin entry and policy.
+    pub static PLUGIN_PANICS: LazyLock<Counter> = LazyLock::new(|| {
+        Counter::define(
+            "outpost_plugin_panics_total",
+            "Panics caught in plugin policies.",
+            &["plugin", "policy"],
+        )
+    });
+    /// Records a sink's queue had no room for.
+    pub static TELEMETRY_DROPPED: LazyLock<Counter> = LazyLock::new(|| {
+        Counter::define(
+            "outpost_telemetry_dropped_total",
+            "Telemetry records dropped because a sink's queue was full.",
+            &["sink"],
+        )
+    });
+    /// Failed sink exports.
+    pub static TELEMETRY_EXPORT_ERRORS: LazyLock<Counter> = LazyLock::new(|| {
+        Counter::define(
+            "outpost_telemetry_export_errors_total",
+            "Batches a telemetry sink failed to export.",
+            &["sink"],
+        )
+    });
+    /// Cache operations that failed or timed out.
+    pub static CACHE_ERRORS: LazyLock<Counter> = LazyLock::new(|| {
+        Counter::define(
+            "outpost_cache_errors_total",
+            "Cache operations that failed or timed out (answered as a miss or an error).",
+            &["cache", "reason"],
+        )
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn definitions_are_checked_and_idempotent() {
+        let r = Registry::default();
+        let a = r
+            .define("a_total", "A.", metric::COUNTER, &[])
+            .expect("valid");
+        assert_eq!(r.define("a_total", "A.", metric::COUNTER, &[]), Ok(a));
+        assert!(r.define("a_total", "A.", metric::GAUGE, &[]).is_err());
+        assert!(r.define("a_total", "A.", metric::COUNTER, &["x"]).is_err());
+        assert!(r.define("1bad", "", metric::COUNTER, &[]).is_err());
+        assert!(r.define("ok", "", metric::COUNTER, &["bad-label"]).is_err());
+        assert!(r
+            .define("ok", "", metric::COUNTER, &["__reserved"])
+            .is_err());
+        assert!(r.define("ok", "", 9, &[]).is_err());
+    }
+
+    #[test]
+    fn series_add_up_and_counters_never_go_down() {
+        let r = Registry::default();
+        let c = r
+            .define("c_total", "", metric::COUNTER, &["k"])
+            .expect("valid");
+        let g = r.define("g", "", metric::GAUGE, &[]).expect("valid");
+        r.add(c, &["x"], 2.0);
+        r.add(c, &["x"], 1.0);
+        r.add(c, &["y"], 1.0);
+        r.add(c, &["x"], -5.0);
+        r.add(c, &[], 1.0); // wrong label count: ignored
+        r.add(99, &[], 1.0); // unknown id: ignored
+        r.set(g, &[], 7.5);
+        r.set(c, &["x"], 100.0); // not a gauge: ignored
+        assert_eq!(r.value("c_total", &["x"]), Some(3.0));
+        assert_eq!(r.value("c_total", &["y"]), Some(1.0));
+        assert_eq!(r.value("g", &[]), Some(7.5));
+        assert_eq!(r.snapshot().len(), 3);
+    }
+}

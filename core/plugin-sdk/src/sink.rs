@@ -1,0 +1,49 @@
+//! Telemetry sinks: called off the request path with batches of records.
+
+use std::time::Duration;
+
+use crate::api::abi_stable::std_types::{RResult, RSlice};
+use crate::api::{self, MetricSample, PluginError, RequestRecord};
+use crate::{guard, Error};
+
+/// A telemetry sink. The gateway calls it from a dedicated thread, never from a request:
+/// blocking I/O is fine, but a slow sink delays its own next batch (and, once the gateway's
+/// queue is full, makes the gateway drop and count records).
+pub trait Sink: Send + Sync + Sized + 'static {
+    /// The sink's configuration (the manifest entry's `config`), parsed strictly.
+    type Config: serde::de::DeserializeOwned;
+
+    /// Builds the sink; an error stops the gateway from starting (or `outpost check` reports it).
+    fn new(config: Self::Config) -> Result<Self, String>;
+
+    /// A batch of request records, in arrival order.
+    fn export(&self, batch: &[RequestRecord<'_>]) -> Result<(), Error>;
+
+    /// The current value of every metric series.
+    fn export_metrics(&self, batch: &[MetricSample<'_>]) -> Result<(), Error> {
+        let _ = batch;
+        Ok(())
+    }
+
+    /// Deliver what is buffered within `deadline` (at shutdown).
+    fn flush(&self, deadline: Duration) -> Result<(), Error> {
+        let _ = deadline;
+        Ok(())
+    }
+}
+
+pub(crate) struct Adapter<S>(pub(crate) S);
+
+impl<S: Sink> api::TelemetrySink for Adapter<S> {
+    fn export(&self, batch: RSlice<'_, RequestRecord<'_>>) -> RResult<(), PluginError> {
+        guard(|| self.0.export(batch.as_slice()))
+    }
+
+    fn export_metrics(&self, batch: RSlice<'_, MetricSample<'_>>) -> RResult<(), PluginError> {
+        guard(|| self.0.export_metrics(batch.as_slice()))
+    }
+
+    fn flush(&self, deadline_ms: u64) -> RResult<(), PluginError> {
+        guard(|| self.0.flush(Duration::from_millis(deadline_ms)))
+    }
+}
