@@ -1,5 +1,6 @@
 //! End-to-end tests: the real `outpost` binary, real sockets on port 0, real TLS.
 
+mod host_work;
 mod lifecycle;
 mod limits;
 mod plugins;

@@ -218,12 +218,14 @@ async fn route(mut req: Request<Incoming>, state: Arc<State>, client_cert: bool)
         let uri = req.uri().to_string();
         let version = format!("{:?}", req.version());
         let headers = headers_json(req.headers());
-        let len = match req.into_body().collect().await {
-            Ok(b) => b.to_bytes().len(),
+        let body = match req.into_body().collect().await {
+            Ok(b) => b.to_bytes(),
             Err(_) => return status(StatusCode::BAD_REQUEST),
         };
+        let text = String::from_utf8_lossy(&body[..body.len().min(4096)]).into_owned();
         return json(serde_json::json!({
-            "method": method, "uri": uri, "version": version, "headers": headers, "body_len": len,
+            "method": method, "uri": uri, "version": version, "headers": headers,
+            "body_len": body.len(), "body": text,
         }));
     }
     if let Some(code) = last("/status/") {

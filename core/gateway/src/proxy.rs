@@ -400,7 +400,11 @@ async fn serve(
         for (section, steps) in [(phase::INBOUND, &p.inbound), (phase::BACKEND, &p.backend)] {
             ctx.phase = section;
             let run = run_section(shared, steps, p, Hook::Request, &mut msg, ctx, &mut source);
-            if let Some(resp) = run.await? {
+            let answered = run.await;
+            if let (Some(r), Some(c)) = (record.as_deref_mut(), &ctx.cache_status) {
+                r.cache = Some(c.clone());
+            }
+            if let Some(resp) = answered? {
                 return Ok(resp);
             }
         }
@@ -409,9 +413,6 @@ async fn serve(
         }
         if ctx.body.is_some() || ctx.body_replaced {
             fix_length(&mut parts.headers, &source);
-        }
-        if let Some(r) = record.as_deref_mut() {
-            r.cache = ctx.cache_status.clone();
         }
     }
     let rewrite = parts.extensions.remove::<crate::plugins::BackendRewrite>();
@@ -465,7 +466,16 @@ async fn serve(
     }
     headers::add_forwarded(h, &conn.forwarded, host);
     h.insert(&headers::X_REQUEST_ID, request_id.clone());
-    headers::propagate_traceparent(h);
+    let trace_id = headers::propagate_traceparent(h);
+    if let Some(r) = record.as_deref_mut() {
+        r.trace_id = String::from_utf8_lossy(&trace_id).into_owned();
+        r.span_id = h
+            .get(&headers::TRACEPARENT)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.get(36..52))
+            .unwrap_or_default()
+            .to_owned();
+    }
     // Never trust a client-supplied thumbprint, whichever listener it came through.
     for name in &shared.reserved_headers {
         h.remove(name);
@@ -555,7 +565,11 @@ async fn serve(
                 ctx,
                 &mut source,
             );
-            if let Some(local) = run.await? {
+            let answered = run.await;
+            if let (Some(r), Some(c)) = (record, &ctx.cache_status) {
+                r.cache = Some(c.clone());
+            }
+            if let Some(local) = answered? {
                 return Ok(local);
             }
             if ctx.body_replaced {
@@ -564,9 +578,6 @@ async fn serve(
             let bodyless = head_request || matches!(rparts.status.as_u16(), 100..=199 | 204 | 304);
             if (ctx.body.is_some() || ctx.body_replaced) && !bodyless {
                 fix_length(&mut rparts.headers, &source);
-            }
-            if let Some(r) = record.as_deref_mut() {
-                r.cache = ctx.cache_status.clone();
             }
             resp = Response::from_parts(rparts, source);
         }

@@ -61,9 +61,20 @@ impl<T: Send + 'static> Reply<T> {
         Reply(ReplyInner::Future(Box::pin(f)))
     }
 
-    pub(crate) fn into_ffi<U: Send + 'static>(self, map: fn(T) -> U) -> CacheFuture<U>
+    /// The answer itself (for a cache's own tests, and for plugins that compose caches).
+    pub async fn resolve(self) -> Result<T, Error> {
+        match self.0 {
+            ReplyInner::Ready(r) => r,
+            ReplyInner::Future(f) => match CatchUnwind(f).await {
+                Ok(r) => r,
+                Err(()) => Err(Error::new(ErrorKind::PANICKED, "the cache panicked")),
+            },
+        }
+    }
+
+    pub(crate) fn into_ffi<U>(self, map: fn(T) -> U) -> CacheFuture<U>
     where
-        U: api::abi_stable::StableAbi,
+        U: api::abi_stable::StableAbi + Send + 'static,
     {
         match self.0 {
             ReplyInner::Ready(r) => {
