@@ -155,8 +155,18 @@ pub(crate) fn guard<T>(f: impl FnOnce() -> Result<T, Error>) -> RResult<T, Plugi
     }
 }
 
+/// Parses an instance's configuration. An empty object also stands for "no configuration", so
+/// a plugin whose `Config` is `()` accepts what the manifest gives when `config` is left out.
 fn config<C: serde::de::DeserializeOwned>(json: &str) -> Result<C, PluginError> {
-    serde_json::from_str(json).map_err(|e| Error::new(ErrorKind::CONFIG, e.to_string()).into_abi())
+    serde_json::from_str(json).or_else(|e| {
+        let empty = serde_json::from_str::<serde_json::Value>(json)
+            .is_ok_and(|v| v.as_object().is_some_and(|o| o.is_empty()));
+        match empty {
+            true => serde_json::from_str("null").map_err(|_| e),
+            false => Err(e),
+        }
+        .map_err(|e| Error::new(ErrorKind::CONFIG, e.to_string()).into_abi())
+    })
 }
 
 fn rejected(message: String) -> PluginError {
