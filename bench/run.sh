@@ -203,6 +203,21 @@ path = \"$FIXTURES\""
   else
     echo "bench: $FIXTURES missing (cargo build --release -p outpost-fixture-policies); skipping the policy variant" >&2
   fi
+  # The plain API with a telemetry sink: a record per request through the bounded queue to the
+  # access-log plugin, which writes JSON lines to /dev/null (the cost of telemetry itself).
+  ACCESS_LOG=${OUTPOST_ACCESS_LOG:-$(dirname "$OUTPOST_BIN")/liboutpost_sink_access_log.so}
+  if [[ -f $ACCESS_LOG ]]; then
+    start_outpost outpost-access-log "$TMP/api.json" "[[plugins]]
+name = \"access\"
+path = \"$ACCESS_LOG\"
+
+[[telemetry.sinks]]
+name = \"access\"
+provider = \"access-log\"
+config = { path = \"/dev/null\" }"
+  else
+    echo "bench: $ACCESS_LOG missing (cargo build --release -p outpost-sink-access-log); skipping the telemetry variant" >&2
+  fi
 fi
 
 # --- measurement ------------------------------------------------------------

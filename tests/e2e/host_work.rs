@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use outpost_tests::gateway::{plugin_library, run_cli, LISTENER_HTTP};
+use outpost_tests::gateway::{plugin_library, run_cli, run_cli_env, LISTENER_HTTP};
 use outpost_tests::{closed_port, Backend, Gateway, GatewaySpec};
 use serde_json::{json, Value};
 
@@ -561,4 +561,40 @@ async fn caches_and_sinks_from_the_manifest_are_checked_and_listed() {
             && out.contains("sinks: sink-slow; caches: cache-slow; stores: store-memory"),
         "{out}"
     );
+}
+
+#[test]
+fn a_library_whose_init_fails_or_panics_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("outpost.toml");
+    std::fs::write(dir.path().join("api.json"), r#"{"version":"v","apis":[]}"#).unwrap();
+    std::fs::write(
+        &m,
+        format!(
+            "{}\n[config]\ntype = \"file\"\npath = \"api.json\"\n",
+            manifest("")
+        ),
+    )
+    .unwrap();
+    let lib = plugin_library("outpost_fixture_policies");
+    for (mode, why) in [
+        (
+            "fail",
+            "initialisation failed: told to fail by OUTPOST_FIXTURE_INIT",
+        ),
+        ("panic", "initialisation panicked"),
+    ] {
+        let (ok, _, err) = run_cli_env(
+            &["check", "--manifest", m.to_str().unwrap()],
+            &[("OUTPOST_FIXTURE_INIT", mode)],
+        );
+        assert!(!ok, "{mode}");
+        let expected = format!("plugins[0] 'fixtures' ({}): {why}", lib.display());
+        assert!(err.contains(&expected), "{mode}: {err}");
+        // The other libraries loaded; the process reported and exited normally.
+        assert!(
+            !err.contains("plugins[1]") && !err.contains("plugins[2]"),
+            "{err}"
+        );
+    }
 }

@@ -264,8 +264,14 @@ fn proc_status_kib(pid: u32, key: &str) -> u64 {
 
 /// Runs `outpost` with arguments and returns (exit success, stdout, stderr).
 pub fn run_cli(args: &[&str]) -> (bool, String, String) {
+    run_cli_env(args, &[])
+}
+
+/// Runs the `outpost` binary with extra environment variables.
+pub fn run_cli_env(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
     let out = Command::new(binary())
         .args(args)
+        .envs(env.iter().copied())
         .output()
         .expect("run outpost");
     (

@@ -389,6 +389,7 @@ async fn serve(
         api_id: &api.id,
         operation_id: &op.id,
         operation_template: &op.route,
+        backend_id: &api.backend.id,
         product_id: product.map_or("", |(_, id)| &**id),
         subscription_id: sub_id.as_deref().unwrap_or_default(),
         client_ip: conn.forwarded.ip(),
@@ -716,7 +717,7 @@ async fn read_body(
             "the request body could not be read: {e}"
         ))),
         Err(e) => Err(ProxyError::BackendFailed {
-            backend: ctx.api_id.to_owned(),
+            backend: ctx.backend_id.to_owned(),
             reason: format!("the response body could not be read: {e}"),
         }),
     }

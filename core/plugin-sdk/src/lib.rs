@@ -249,9 +249,19 @@ pub mod __private {
         }
     }
 
-    pub fn init(host: HostBox) -> RResult<(), PluginError> {
+    pub fn init(
+        host: HostBox,
+        user: Option<fn() -> Result<(), String>>,
+    ) -> RResult<(), PluginError> {
         host::install(host);
-        RResult::ROk(())
+        let Some(user) = user else {
+            return RResult::ROk(());
+        };
+        match catch_unwind(AssertUnwindSafe(user)) {
+            Ok(Ok(())) => RResult::ROk(()),
+            Ok(Err(e)) => RResult::RErr(Error::new(ErrorKind::INTERNAL, e).into_abi()),
+            Err(_) => RResult::RErr(Error::new(ErrorKind::PANICKED, "init panicked").into_abi()),
+        }
     }
 
     /// Runs a factory, turning a panic into an error.
@@ -282,14 +292,17 @@ pub mod __private {
     pub use super::{new_cache, new_policy, new_sink, new_store};
 }
 
-/// Exports a plugin library: its name, version, and what it provides, by kind (each list is
-/// optional, in this order): `policies`, `sinks`, `caches`, `stores`, each a list of
-/// `"name" => Type`. Use it once, at the crate root of a `cdylib`.
+/// Exports a plugin library: its name, version, optionally an `init` function
+/// (`fn() -> Result<(), String>`, run once when the gateway loads the library, after host
+/// services are available; an error or a panic refuses the library), and what it provides, by
+/// kind (each list is optional, in this order): `policies`, `sinks`, `caches`, `stores`, each a
+/// list of `"name" => Type`. Use it once, at the crate root of a `cdylib`.
 ///
 /// ```ignore
 /// export_plugin! {
 ///     name: "acme",
 ///     version: env!("CARGO_PKG_VERSION"),
+///     init: start,
 ///     policies: ["acme-check" => Check, "acme-tag" => Tag],
 ///     caches: ["acme-cache" => AcmeCache],
 /// }
@@ -299,6 +312,7 @@ macro_rules! export_plugin {
     (
         name: $name:expr,
         version: $version:expr
+        $(, init: $init:expr)?
         $(, policies: [$($pname:literal => $ptype:ty),* $(,)?])?
         $(, sinks: [$($sname:literal => $stype:ty),* $(,)?])?
         $(, caches: [$($cname:literal => $ctype:ty),* $(,)?])?
@@ -317,15 +331,18 @@ macro_rules! export_plugin {
             const CACHES: &[&str] = &[$($($cname),*)?];
             const STORES: &[&str] = &[$($($bname),*)?];
 
-            extern "C" fn info() -> __p::PluginInfo {
+            extern "C" fn __outpost_info() -> __p::PluginInfo {
                 __p::info($name, $version, [POLICIES, SINKS, CACHES, STORES], cfg!(panic = "unwind"))
             }
 
-            extern "C" fn init(host: __p::HostBox) -> __p::Res<(), $crate::api::PluginError> {
-                __p::init(host)
+            extern "C" fn __outpost_init(host: __p::HostBox) -> __p::Res<(), $crate::api::PluginError> {
+                #[allow(unused_mut, unused_assignments)]
+                let mut user: Option<fn() -> Result<(), String>> = None;
+                $(user = Some($init);)?
+                __p::init(host, user)
             }
 
-            extern "C" fn new_policy(
+            extern "C" fn __outpost_new_policy(
                 name: __p::Str<'_>,
                 config: __p::Str<'_>,
             ) -> __p::Res<__p::PolicyBox, $crate::api::PluginError> {
@@ -335,7 +352,7 @@ macro_rules! export_plugin {
                 })
             }
 
-            extern "C" fn new_sink(
+            extern "C" fn __outpost_new_sink(
                 name: __p::Str<'_>,
                 config: __p::Str<'_>,
             ) -> __p::Res<__p::SinkBox, $crate::api::PluginError> {
@@ -345,7 +362,7 @@ macro_rules! export_plugin {
                 })
             }
 
-            extern "C" fn new_cache(
+            extern "C" fn __outpost_new_cache(
                 name: __p::Str<'_>,
                 config: __p::Str<'_>,
             ) -> __p::Res<__p::CacheBox, $crate::api::PluginError> {
@@ -355,7 +372,7 @@ macro_rules! export_plugin {
                 })
             }
 
-            extern "C" fn new_store(
+            extern "C" fn __outpost_new_store(
                 name: __p::Str<'_>,
                 config: __p::Str<'_>,
             ) -> __p::Res<__p::StoreBox, $crate::api::PluginError> {
@@ -365,14 +382,14 @@ macro_rules! export_plugin {
                 })
             }
 
-            fn root() -> __p::OutpostPlugin_Ref {
+            fn __outpost_root() -> __p::OutpostPlugin_Ref {
                 __abi::prefix_type::PrefixTypeTrait::leak_into_prefix(__p::OutpostPlugin {
-                    info,
-                    init,
-                    new_policy,
-                    new_sink,
-                    new_cache,
-                    new_store,
+                    info: __outpost_info,
+                    init: __outpost_init,
+                    new_policy: __outpost_new_policy,
+                    new_sink: __outpost_new_sink,
+                    new_cache: __outpost_new_cache,
+                    new_store: __outpost_new_store,
                 })
             }
 
@@ -381,7 +398,7 @@ macro_rules! export_plugin {
             #[export_name = "_1as_0lib_1header_0root_bmodule_bloader"]
             pub static OUTPOST_PLUGIN_HEADER: __abi::library::LibHeader = {
                 extern "C" fn erased() -> __abi::library::RootModuleResult {
-                    __abi::library::__call_root_module_loader(root)
+                    __abi::library::__call_root_module_loader(__outpost_root)
                 }
                 // SAFETY: the constructor returns the root module type the header names.
                 unsafe {

@@ -336,6 +336,8 @@ pub struct HostContext<'r> {
     pub operation_id: &'r str,
     /// Operation URL template.
     pub operation_template: &'r str,
+    /// The API's backend id (for errors about the response).
+    pub backend_id: &'r str,
     /// Product id ("" when none).
     pub product_id: &'r str,
     /// Subscription id ("" when none).
