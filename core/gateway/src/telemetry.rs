@@ -4,7 +4,7 @@
 //! rest of its queue and a flush, within a deadline.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -243,48 +243,46 @@ struct Run {
 }
 
 impl Run {
+    /// The sink's loop. It never blocks on the queue: it wakes on a short tick and takes what
+    /// has arrived, so a request's `try_send` never has to wake this thread (no context switch
+    /// per request).
     fn run(self) {
         let mut batch: Vec<Arc<Record>> = Vec::with_capacity(self.batch_max);
         let mut batch_started = Instant::now();
         let mut next_metrics = Instant::now() + self.metrics_every;
-        let tick = self.flush_every.min(Duration::from_millis(100));
+        let tick = self.flush_every.min(Duration::from_millis(20));
         loop {
             let stopping = self.stop.load(Ordering::Relaxed);
-            match self.rx.recv_timeout(tick) {
-                Ok(r) => {
-                    if batch.is_empty() {
-                        batch_started = Instant::now();
-                    }
-                    batch.push(r);
-                    while batch.len() < self.batch_max {
-                        match self.rx.try_recv() {
-                            Ok(r) => batch.push(r),
-                            Err(_) => break,
+            let mut disconnected = false;
+            loop {
+                match self.rx.try_recv() {
+                    Ok(r) => {
+                        if batch.is_empty() {
+                            batch_started = Instant::now();
+                        }
+                        batch.push(r);
+                        if batch.len() >= self.batch_max {
+                            self.export(&mut batch);
                         }
                     }
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        disconnected = true;
+                        break;
+                    }
                 }
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => break,
             }
-            if batch.len() >= self.batch_max
-                || (!batch.is_empty() && batch_started.elapsed() >= self.flush_every)
-            {
+            if !batch.is_empty() && (stopping || batch_started.elapsed() >= self.flush_every) {
                 self.export(&mut batch);
             }
             if Instant::now() >= next_metrics {
                 self.export_metrics();
                 next_metrics = Instant::now() + self.metrics_every;
             }
-            if stopping {
+            if stopping || disconnected {
                 break;
             }
-        }
-        // The rest of the queue, then the metrics, then the sink's own buffers.
-        while let Ok(r) = self.rx.try_recv() {
-            batch.push(r);
-            if batch.len() >= self.batch_max {
-                self.export(&mut batch);
-            }
+            std::thread::sleep(tick);
         }
         self.export(&mut batch);
         self.export_metrics();

@@ -29,7 +29,7 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use outpost_plugin_sdk::serde::Deserialize;
+use outpost_plugin_sdk::serde::{Deserialize, Serialize};
 use outpost_plugin_sdk::serde_json::{json, Map, Value};
 use outpost_plugin_sdk::{export_plugin, host, Error, MetricSample, RequestRecord, Sink};
 
@@ -66,7 +66,7 @@ pub struct AccessLog {
 }
 
 impl AccessLog {
-    fn write(&self, lines: &[Value]) -> Result<(), Error> {
+    fn write<L: Serialize>(&self, lines: impl Iterator<Item = L>) -> Result<(), Error> {
         let mut out = self.out.lock().unwrap_or_else(|e| e.into_inner());
         if let Out::File { path, file, id } = &mut *out {
             let moved = match std::fs::metadata(&*path) {
@@ -81,9 +81,9 @@ impl AccessLog {
                 *id = new_id;
             }
         }
-        let mut buf = Vec::with_capacity(lines.len() * 400);
+        let mut buf = Vec::with_capacity(64 * 1024);
         for l in lines {
-            outpost_plugin_sdk::serde_json::to_writer(&mut buf, l)
+            outpost_plugin_sdk::serde_json::to_writer(&mut buf, &l)
                 .map_err(|e| Error::from(e.to_string()))?;
             buf.push(b'\n');
         }
@@ -102,58 +102,125 @@ impl AccessLog {
     }
 }
 
-fn put(m: &mut Map<String, Value>, key: &str, value: &str) {
-    if !value.is_empty() {
-        m.insert(key.into(), Value::String(value.into()));
-    }
-}
-
 /// RFC 3339 UTC with milliseconds, from Unix milliseconds.
 pub fn rfc3339(unix_ms: u64) -> String {
     let t = std::time::UNIX_EPOCH + Duration::from_millis(unix_ms);
     humantime::format_rfc3339_millis(t).to_string()
 }
 
-/// One request as a JSON object.
-pub fn request_line(r: &RequestRecord<'_>) -> Value {
-    let mut m = Map::new();
-    m.insert("time".into(), Value::String(rfc3339(r.time_unix_ms)));
-    for (k, v) in [
-        ("request_id", r.request_id),
-        ("trace_id", r.trace_id),
-        ("span_id", r.span_id),
-        ("parent_span_id", r.parent_span_id),
-        ("listener", r.listener),
-        ("client_ip", r.client_ip),
-        ("method", r.method),
-        ("host", r.host),
-        ("path", r.path),
-        ("api", r.api_id),
-        ("operation", r.operation_id),
-        ("route", r.route),
-        ("product", r.product_id),
-        ("subscription", r.subscription_id),
-        ("backend", r.backend_id),
-        ("backend_url", r.backend_url),
-        ("cache", r.cache),
-        ("error_source", r.error_source),
-        ("error_reason", r.error_reason),
-        ("error_message", r.error_message),
-        ("user_agent", r.user_agent),
-    ] {
-        put(&mut m, k, v.as_str());
+fn display<S: outpost_plugin_sdk::serde::Serializer>(
+    t: &humantime::Rfc3339Timestamp,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.collect_str(t)
+}
+
+fn empty(s: &&str) -> bool {
+    s.is_empty()
+}
+
+fn zero(n: &u16) -> bool {
+    *n == 0
+}
+
+/// One request line: borrowed from the record, serialised without building a JSON tree.
+#[derive(Serialize)]
+#[serde(crate = "outpost_plugin_sdk::serde")]
+pub struct RequestLine<'a> {
+    #[serde(serialize_with = "display")]
+    time: humantime::Rfc3339Timestamp,
+    #[serde(skip_serializing_if = "empty")]
+    request_id: &'a str,
+    #[serde(skip_serializing_if = "empty")]
+    trace_id: &'a str,
+    #[serde(skip_serializing_if = "empty")]
+    span_id: &'a str,
+    #[serde(skip_serializing_if = "empty")]
+    parent_span_id: &'a str,
+    #[serde(skip_serializing_if = "empty")]
+    listener: &'a str,
+    #[serde(skip_serializing_if = "empty")]
+    client_ip: &'a str,
+    #[serde(skip_serializing_if = "empty")]
+    method: &'a str,
+    #[serde(skip_serializing_if = "empty")]
+    host: &'a str,
+    #[serde(skip_serializing_if = "empty")]
+    path: &'a str,
+    #[serde(skip_serializing_if = "empty")]
+    api: &'a str,
+    #[serde(skip_serializing_if = "empty")]
+    operation: &'a str,
+    #[serde(skip_serializing_if = "empty")]
+    route: &'a str,
+    #[serde(skip_serializing_if = "empty")]
+    product: &'a str,
+    #[serde(skip_serializing_if = "empty")]
+    subscription: &'a str,
+    #[serde(skip_serializing_if = "empty")]
+    backend: &'a str,
+    #[serde(skip_serializing_if = "empty")]
+    backend_url: &'a str,
+    status: u16,
+    #[serde(skip_serializing_if = "zero")]
+    backend_status: u16,
+    total_ms: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    backend_ms: Option<f64>,
+    bytes_in: u64,
+    bytes_out: u64,
+    #[serde(skip_serializing_if = "empty")]
+    cache: &'a str,
+    #[serde(skip_serializing_if = "empty")]
+    error_source: &'a str,
+    #[serde(skip_serializing_if = "empty")]
+    error_reason: &'a str,
+    #[serde(skip_serializing_if = "empty")]
+    error_message: &'a str,
+    #[serde(skip_serializing_if = "empty")]
+    user_agent: &'a str,
+    #[serde(skip_serializing_if = "empty")]
+    gateway: &'a str,
+    #[serde(skip_serializing_if = "empty")]
+    instance: &'a str,
+}
+
+/// One request as a line.
+pub fn request_line<'a>(r: &'a RequestRecord<'a>) -> RequestLine<'a> {
+    RequestLine {
+        time: humantime::format_rfc3339_millis(
+            std::time::UNIX_EPOCH + Duration::from_millis(r.time_unix_ms),
+        ),
+        request_id: r.request_id.as_str(),
+        trace_id: r.trace_id.as_str(),
+        span_id: r.span_id.as_str(),
+        parent_span_id: r.parent_span_id.as_str(),
+        listener: r.listener.as_str(),
+        client_ip: r.client_ip.as_str(),
+        method: r.method.as_str(),
+        host: r.host.as_str(),
+        path: r.path.as_str(),
+        api: r.api_id.as_str(),
+        operation: r.operation_id.as_str(),
+        route: r.route.as_str(),
+        product: r.product_id.as_str(),
+        subscription: r.subscription_id.as_str(),
+        backend: r.backend_id.as_str(),
+        backend_url: r.backend_url.as_str(),
+        status: r.status,
+        backend_status: r.backend_status,
+        total_ms: r.total_us as f64 / 1000.0,
+        backend_ms: (r.backend_status != 0).then(|| r.backend_us as f64 / 1000.0),
+        bytes_in: r.bytes_in,
+        bytes_out: r.bytes_out,
+        cache: r.cache.as_str(),
+        error_source: r.error_source.as_str(),
+        error_reason: r.error_reason.as_str(),
+        error_message: r.error_message.as_str(),
+        user_agent: r.user_agent.as_str(),
+        gateway: host::gateway_id(),
+        instance: host::instance_id(),
     }
-    m.insert("status".into(), json!(r.status));
-    if r.backend_status != 0 {
-        m.insert("backend_status".into(), json!(r.backend_status));
-        m.insert("backend_ms".into(), json!(r.backend_us as f64 / 1000.0));
-    }
-    m.insert("total_ms".into(), json!(r.total_us as f64 / 1000.0));
-    m.insert("bytes_in".into(), json!(r.bytes_in));
-    m.insert("bytes_out".into(), json!(r.bytes_out));
-    put(&mut m, "gateway", host::gateway_id());
-    put(&mut m, "instance", host::instance_id());
-    Value::Object(m)
 }
 
 impl Sink for AccessLog {
@@ -177,8 +244,7 @@ impl Sink for AccessLog {
     }
 
     fn export(&self, batch: &[RequestRecord<'_>]) -> Result<(), Error> {
-        let lines: Vec<Value> = batch.iter().map(request_line).collect();
-        self.write(&lines)
+        self.write(batch.iter().map(request_line))
     }
 
     fn export_metrics(&self, batch: &[MetricSample<'_>]) -> Result<(), Error> {
@@ -203,7 +269,7 @@ impl Sink for AccessLog {
                 })
             })
             .collect();
-        self.write(&lines)
+        self.write(lines.iter())
     }
 
     fn flush(&self, _deadline: Duration) -> Result<(), Error> {
