@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-cargo build --release --locked -p outpost -p outpost-policy-basic
+cargo build --release --locked -p outpost -p outpost-policy-basic -p outpost-cache-memory -p outpost-sink-access-log
 
 bin=target/release/outpost
 "$bin" --version
@@ -15,7 +15,8 @@ bin=target/release/outpost
 
 plugin_dir=$(mktemp -d)
 trap 'rm -rf "$plugin_dir"' EXIT
-cp target/release/liboutpost_policy_basic.so "$plugin_dir/"
+cp target/release/liboutpost_policy_basic.so target/release/liboutpost_cache_memory.so \
+    target/release/liboutpost_sink_access_log.so "$plugin_dir/"
 cat >"$plugin_dir/check.toml" <<EOF
 [runtime]
 plugin_dir = "$plugin_dir"
@@ -28,8 +29,26 @@ address = "127.0.0.1:0"
 name = "basic"
 library = "outpost_policy_basic"
 
+[[plugins]]
+name = "memory"
+library = "outpost_cache_memory"
+
+[[plugins]]
+name = "access"
+library = "outpost_sink_access_log"
+
+[[caches]]
+name = "local"
+provider = "cache-memory"
+
+[[telemetry.sinks]]
+name = "access"
+provider = "access-log"
+config = { path = "-" }
+
 [config]
 type = "file"
 path = "$PWD/examples/docker/api.json"
 EOF
 "$bin" plugins --manifest "$plugin_dir/check.toml"
+"$bin" check --manifest "$plugin_dir/check.toml"

@@ -598,3 +598,72 @@ fn a_library_whose_init_fails_or_panics_is_refused_by_name() {
         );
     }
 }
+
+#[tokio::test]
+async fn host_work_misuse_and_reserved_names_fail_only_the_request() {
+    let backend = Backend::start().await;
+    let extra = "[[caches]]\nname = \"local\"\nprovider = \"cache-memory\"\n";
+    let config = json!({
+        "version": "m1",
+        "backends": [{ "id": "b", "urls": [backend.url(false)] }],
+        "apis": [
+            { "id": "svc", "path": "/svc", "backend": "b", "subscription_required": false,
+              "operations": [
+                op("stray", "GET", "/stray/echo",
+                   json!([{ "policy": "stray-pause", "config": { "ask": true } },
+                          { "policy": "stray-pause", "config": { "ask": false } }]), json!([])),
+                op("reserved", "GET", "/reserved/echo",
+                   json!([{ "policy": "metric-bump", "config": { "name": "outpost_plugin_panics_total" } }]), json!([])),
+                op("panics", "GET", "/panics/echo", json!([{ "policy": "panic" }]), json!([])),
+              ] },
+            { "id": "keyed", "path": "/keyed", "backend": "b",
+              "operations": [op("q", "GET", "/echo",
+                  json!([{ "policy": "rewrite", "config": { "query": "subscription-key=k-123456&x=1" } }]), json!([]))] }
+        ],
+        "subscriptions": [{ "id": "s", "scope": { "type": "all" }, "primary_key": "k-123456" }]
+    });
+    let gw = Gateway::start(GatewaySpec {
+        manifest: manifest(extra),
+        api: config,
+        files: Vec::new(),
+        watch_ms: 100,
+    });
+    let c = client();
+    // Work asked for by a step that did not pause is dropped: the next step's empty pause is
+    // its own mistake, not a resume with someone else's answers.
+    let r = c.get(gw.url("/svc/stray/echo")).send().await.unwrap();
+    let body = assert_error(r, 500, "policy_failed").await;
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("paused without asking"),
+        "{body}"
+    );
+
+    // A plugin cannot define a metric under the gateway's prefix: the definition is inert,
+    // and the gateway's own metric keeps working when it is bumped.
+    let r = c.get(gw.url("/svc/reserved/echo")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    gw.wait_for_log("metric outpost_plugin_panics_total defined: false", 1);
+    let r = c
+        .get(gw.url("/svc/panics/echo"))
+        .header("x-panic", "1")
+        .send()
+        .await
+        .unwrap();
+    assert_error(r, 500, "policy_failed").await;
+    let r = c.get(gw.url("/svc/reserved/echo")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+
+    // A query a policy sets never carries the subscription key to the backend.
+    let r = c
+        .get(gw.url("/keyed/echo"))
+        .header("Ocp-Apim-Subscription-Key", "k-123456")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["uri"], "/echo?x=1");
+}

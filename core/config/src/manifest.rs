@@ -80,7 +80,7 @@ impl PluginEntry {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FailMode {
-    /// Requests that reach it get 503.
+    /// Requests that reach it fail with 500 `policy_failed`.
     #[default]
     FailClosed,
     /// It is skipped.
@@ -290,7 +290,7 @@ pub struct CacheEntry {
     pub name: String,
     /// The cache type, as a loaded plugin names it (for example `cache-memory`).
     pub provider: String,
-    /// Deadline for each operation; past it the answer is a timeout (a miss for lookups).
+    /// Deadline for each operation; past it the policy gets a timeout answer.
     /// Default 100 ms.
     #[serde(default = "default_cache_timeout_ms")]
     pub timeout_ms: u64,
@@ -740,6 +740,7 @@ fn validate_limits(limits: &Limits, upstream: &Upstream, runtime: &Runtime, repo
             "upstream.body_idle_timeout_ms",
             upstream.body_idle_timeout_ms,
         ),
+        ("upstream.callout_timeout_ms", upstream.callout_timeout_ms),
     ];
     for (key, v) in positive {
         if v == 0 {
@@ -842,6 +843,73 @@ mod tests {
         let ConfigSource::File(f) = &m.config;
         assert_eq!(f.path, Path::new("/etc/outpost/api.json"));
         assert_eq!(f.watch_interval_ms, 1000);
+    }
+
+    #[test]
+    fn cache_sink_and_callout_settings_are_checked() {
+        let text = r#"
+            [upstream]
+            callout_timeout_ms = 0
+            [telemetry]
+            queue_capacity = 0
+            batch_max = 0
+            [[telemetry.sinks]]
+            name = "s"
+            provider = "access-log"
+            [[telemetry.sinks]]
+            name = "s"
+            provider = "access-log"
+            [[listeners]]
+            name = "a"
+            address = "127.0.0.1:0"
+            [[caches]]
+            name = "c"
+            provider = "cache-memory"
+            timeout_ms = 0
+            [[caches]]
+            name = "c"
+            provider = "cache-memory"
+            config = { max_bytes = 1 }
+            [[caches]]
+            provider = "cache-memory"
+            [config]
+            type = "file"
+            path = "api.json"
+        "#;
+        let report = parse(text).expect_err("invalid");
+        let paths: Vec<&str> = report.issues.iter().map(|i| i.path.as_str()).collect();
+        for want in [
+            "upstream.callout_timeout_ms",
+            "telemetry.queue_capacity",
+            "telemetry.batch_max",
+            "telemetry.sinks[1].name",
+            "caches[0].timeout_ms",
+            "caches[1].name",
+            "caches[2]",
+        ] {
+            assert!(
+                paths.iter().any(|p| p.starts_with(want)),
+                "missing {want} in {report}"
+            );
+        }
+        let ok = parse(
+            r#"
+            [[listeners]]
+            name = "a"
+            address = "127.0.0.1:0"
+            [[caches]]
+            name = "c"
+            provider = "cache-memory"
+            config = { max_bytes = 1048576 }
+            [config]
+            type = "file"
+            path = "api.json"
+        "#,
+        )
+        .expect("valid");
+        assert_eq!(ok.caches[0].timeout_ms, 100);
+        assert_eq!(ok.caches[0].config["max_bytes"], 1_048_576);
+        assert_eq!(ok.telemetry.queue_capacity, 16_384);
     }
 
     #[test]

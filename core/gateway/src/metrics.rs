@@ -247,6 +247,16 @@ pub mod gateway {
     use super::Counter;
     use std::sync::LazyLock;
 
+    /// Defines every gateway metric now (before plugins load, so no plugin can take a name).
+    pub fn define_all() {
+        let _ = (
+            *PLUGIN_PANICS,
+            *TELEMETRY_DROPPED,
+            *TELEMETRY_EXPORT_ERRORS,
+            *CACHE_ERRORS,
+        );
+    }
+
     /// Policy panics, by plugin entry and policy.
     pub static PLUGIN_PANICS: LazyLock<Counter> = LazyLock::new(|| {
         Counter::define(
@@ -275,7 +285,7 @@ pub mod gateway {
     pub static CACHE_ERRORS: LazyLock<Counter> = LazyLock::new(|| {
         Counter::define(
             "outpost_cache_errors_total",
-            "Cache operations that failed or timed out (answered as a miss or an error).",
+            "Cache operations that failed or timed out (the policy gets an error or timeout answer).",
             &["cache", "reason"],
         )
     });

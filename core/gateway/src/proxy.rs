@@ -416,7 +416,13 @@ async fn serve(
             fix_length(&mut parts.headers, &source);
         }
     }
-    let rewrite = parts.extensions.remove::<crate::plugins::BackendRewrite>();
+    let mut rewrite = parts.extensions.remove::<crate::plugins::BackendRewrite>();
+    // A policy's query never carries the subscription key on to the backend either.
+    if let Some(q) = rewrite.as_mut().and_then(|rw| rw.query.as_mut()) {
+        if api.subscription_required && query_param(q, &api.key_query).is_some() {
+            *q = without_param(q, &api.key_query);
+        }
+    }
     let rest = &parts.uri.path()[rest_start..];
     let (rest, query) = match &rewrite {
         Some(rw) => (

@@ -164,8 +164,6 @@ impl Telemetry {
         if sinks.is_empty() {
             return Ok(None);
         }
-        // Define the gateway's telemetry metrics before the first snapshot.
-        let _ = (*TELEMETRY_DROPPED, *TELEMETRY_EXPORT_ERRORS);
         let stop = Arc::new(AtomicBool::new(false));
         let mut workers = Vec::new();
         for (name, sink) in sinks {

@@ -184,7 +184,8 @@ pub trait HttpHead {
     fn header_at(&self, name: RStr<'_>, index: usize) -> ROption<RSlice<'_, u8>>;
     /// How many header lines the head has (each value of a repeated header counts).
     fn header_len(&self) -> usize;
-    /// The `index`th header line as (lower-case name, value), in the head's order.
+    /// The `index`th header line as (lower-case name, value); lines are grouped by name, each
+    /// name's values in order.
     fn header_entry(&self, index: usize) -> ROption<Tuple2<RStr<'_>, RSlice<'_, u8>>>;
     /// Changes the request method. False for a response or an invalid method.
     fn set_method(&mut self, method: RStr<'_>) -> bool;
@@ -394,13 +395,14 @@ pub struct RequestRecord<'a> {
     pub total_us: u64,
     /// Time spent waiting for the backend's response head, in microseconds.
     pub backend_us: u64,
-    /// Request body bytes received from the client (as far as known when the head was sent).
+    /// The request body's declared length (`Content-Length`; 0 when not declared).
     pub bytes_in: u64,
-    /// Response body bytes (declared length, when known at the head).
+    /// The response body's length when known as the head is sent (0 otherwise).
     pub bytes_out: u64,
     /// Cache outcome set by policies (`hit`, `miss`; empty: none).
     pub cache: RStr<'a>,
-    /// Where an error came from (`client`, `gateway`, `backend`, `policy`; empty: none).
+    /// Where an error came from (`client`, `gateway`, `backend`; empty: none). Policy
+    /// failures are `gateway` errors with reason `policy_failed`.
     pub error_source: RStr<'a>,
     /// The error code (as in the JSON error body; empty: none).
     pub error_reason: RStr<'a>,
@@ -437,7 +439,7 @@ pub struct MetricSample<'a> {
 /// A telemetry sink. Called off the request path, from a dedicated thread: blocking is fine.
 #[sabi_trait]
 pub trait TelemetrySink: Send + Sync {
-    /// A batch of request records (in arrival order).
+    /// A batch of request records, in the order their responses started.
     fn export(&self, batch: RSlice<'_, RequestRecord<'_>>) -> RResult<(), PluginError>;
     /// The current value of every metric series (host metrics and plugin metrics).
     fn export_metrics(&self, batch: RSlice<'_, MetricSample<'_>>) -> RResult<(), PluginError>;
@@ -547,7 +549,7 @@ pub trait HostServices: Send + Sync {
     fn now_unix_ms(&self) -> u64;
     /// A monotonic clock in nanoseconds (only differences mean something).
     fn monotonic_ns(&self) -> u64;
-    /// The gateway's id (as configured; the host name when none is).
+    /// The gateway's id (`[gateway] id` in the manifest; `outpost` by default).
     fn gateway_id(&self) -> RStr<'_>;
     /// This process's instance id (unique per start).
     #[sabi(last_prefix_field)]

@@ -16,7 +16,8 @@ use crate::Error;
 /// Calls come from the gateway's request threads and must not block: answer at once with
 /// [`Reply::ready`] (an in-memory cache) or start the I/O on the plugin's own runtime and
 /// answer with [`Reply::future`] (see [`crate::runtime`], feature `runtime`). The gateway
-/// applies its own deadline and treats an error or a timeout as a miss.
+/// applies its own deadline; an error or a timeout is the policy's answer (it decides whether
+/// that is a miss or a failure), never a failed request by itself.
 pub trait Cache: Send + Sync + Sized + 'static {
     /// The cache's configuration (the manifest entry's `config`), parsed strictly.
     type Config: serde::de::DeserializeOwned;

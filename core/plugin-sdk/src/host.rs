@@ -39,6 +39,18 @@ pub fn now_unix_ms() -> u64 {
     }
 }
 
+/// A monotonic clock in nanoseconds (only differences mean something).
+pub fn monotonic_ns() -> u64 {
+    static START: OnceLock<std::time::Instant> = OnceLock::new();
+    match HOST.get() {
+        Some(h) => h.monotonic_ns(),
+        None => START
+            .get_or_init(std::time::Instant::now)
+            .elapsed()
+            .as_nanos() as u64,
+    }
+}
+
 /// The gateway's id ("" without a gateway).
 pub fn gateway_id() -> &'static str {
     HOST.get().map_or("", |h| h.gateway_id().as_str())

@@ -16,7 +16,7 @@ pub trait Sink: Send + Sync + Sized + 'static {
     /// Builds the sink; an error stops the gateway from starting (or `outpost check` reports it).
     fn new(config: Self::Config) -> Result<Self, String>;
 
-    /// A batch of request records, in arrival order.
+    /// A batch of request records, in the order their responses started.
     fn export(&self, batch: &[RequestRecord<'_>]) -> Result<(), Error>;
 
     /// The current value of every metric series.

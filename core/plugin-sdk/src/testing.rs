@@ -36,24 +36,24 @@ use crate::{Cache, Flow, Policy, Sink, Store};
 
 /// Builds a policy from its JSON configuration, exactly as the gateway does.
 pub fn policy<P: Policy>(config_json: &str) -> Result<PolicyBox, PluginError> {
-    crate::new_policy::<P>(config_json)
+    crate::__private::factory(|| crate::new_policy::<P>(config_json)).into_result()
 }
 
 /// Builds a telemetry sink from its JSON configuration, as the gateway does; call
 /// `export`, `export_metrics` and `flush` on the result.
 pub fn sink<S: Sink>(config_json: &str) -> Result<SinkBox, PluginError> {
-    crate::new_sink::<S>(config_json)
+    crate::__private::factory(|| crate::new_sink::<S>(config_json)).into_result()
 }
 
 /// Builds a cache from its JSON configuration, as the gateway does; await its answers with
 /// [`block_on`].
 pub fn cache<C: Cache>(config_json: &str) -> Result<CacheBox, PluginError> {
-    crate::new_cache::<C>(config_json)
+    crate::__private::factory(|| crate::new_cache::<C>(config_json)).into_result()
 }
 
 /// Builds a backup store from its JSON configuration, as the gateway does.
 pub fn store<S: Store>(config_json: &str) -> Result<StoreBox, PluginError> {
-    crate::new_store::<S>(config_json)
+    crate::__private::factory(|| crate::new_store::<S>(config_json)).into_result()
 }
 
 /// Waits for a future on the current thread (for a cache's answers in tests).

@@ -49,6 +49,15 @@ pub enum Kind {
 }
 
 impl Kind {
+    fn plural(self) -> &'static str {
+        match self {
+            Kind::Policy => "policies",
+            Kind::Sink => "sinks",
+            Kind::Cache => "caches",
+            Kind::Store => "backup stores",
+        }
+    }
+
     fn noun(self) -> &'static str {
         match self {
             Kind::Policy => "policy",
@@ -99,6 +108,8 @@ impl PluginHost {
             .clone()
             .unwrap_or_else(|| PathBuf::from("plugins"));
         services::set_gateway_id(&manifest.gateway.id);
+        // The gateway's own metrics exist before any plugin can define a name.
+        crate::metrics::gateway::define_all();
         let mut host = PluginHost::default();
         let mut problems = Vec::new();
         // Sequentially: dlopen error reporting is not thread-safe everywhere.
@@ -160,7 +171,10 @@ impl PluginHost {
         known.sort_unstable();
         let noun = kind.noun();
         Err(if known.is_empty() {
-            format!("unknown {noun} '{name}': no loaded plugin provides {noun}s")
+            format!(
+                "unknown {noun} '{name}': no loaded plugin provides {}",
+                kind.plural()
+            )
         } else {
             format!("unknown {noun} '{name}' (loaded: {})", known.join(", "))
         })

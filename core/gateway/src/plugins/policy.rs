@@ -169,6 +169,10 @@ impl PolicyInstance {
                 }
             }
         };
+        if flow != Flow::PAUSE {
+            // Work asked for without pausing is dropped, never done for a later step.
+            ctx.work.clear();
+        }
         self.outcome(flow, ctx)
     }
 }

@@ -113,6 +113,10 @@ impl api::HostServices for Host {
         kind: u8,
         labels: RSlice<'_, RStr<'_>>,
     ) -> u32 {
+        if name.as_str().starts_with("outpost_") {
+            tracing::warn!(plugin = %self.plugin, metric = %name, "A plugin's metric definition was refused: the outpost_ prefix is the gateway's.");
+            return 0;
+        }
         let names: Vec<&str> = labels.iter().map(|l| l.as_str()).collect();
         match metrics::global().define(name.as_str(), help.as_str(), kind, &names) {
             Ok(id) => id,
@@ -344,9 +348,13 @@ impl Services {
         match tokio::time::timeout(c.timeout, call(&c.cache)).await {
             Ok(RResult::ROk(v)) => ok(v),
             Ok(RResult::RErr(e)) => {
-                CACHE_ERRORS.inc(&[&c.name, "error"]);
+                let (status, reason) = match e.kind {
+                    api::ErrorKind::TIMEOUT => (HostStatus::TIMEOUT, "timeout"),
+                    _ => (HostStatus::ERROR, "error"),
+                };
+                CACHE_ERRORS.inc(&[&c.name, reason]);
                 tracing::debug!(cache = %c.name, op, error = %e.message, "Cache operation failed.");
-                Done::failed(HostStatus::ERROR, e.message.into_string())
+                Done::failed(status, e.message.into_string())
             }
             Err(_) => {
                 CACHE_ERRORS.inc(&[&c.name, "timeout"]);
