@@ -20,6 +20,9 @@ COPY --from=build /src/target/release/outpost /usr/local/bin/outpost
 COPY --from=build /src/target/release/liboutpost_policy_basic.so \
      /src/target/release/liboutpost_cache_memory.so \
      /src/target/release/liboutpost_sink_access_log.so \
+     /src/target/release/liboutpost_store_fs.so \
+     /src/target/release/liboutpost_store_sqlite.so \
+     /src/target/release/liboutpost_store_redis.so \
      /usr/lib/outpost/plugins/
 COPY examples/docker/ /etc/outpost/
 USER 10001

@@ -6,7 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-cargo build --release --locked -p outpost -p outpost-policy-basic -p outpost-cache-memory -p outpost-sink-access-log
+cargo build --release --locked -p outpost -p outpost-policy-basic -p outpost-cache-memory -p outpost-sink-access-log \
+    -p outpost-store-fs -p outpost-store-sqlite -p outpost-store-redis
 
 bin=target/release/outpost
 "$bin" --version
@@ -16,7 +17,8 @@ bin=target/release/outpost
 plugin_dir=$(mktemp -d)
 trap 'rm -rf "$plugin_dir"' EXIT
 cp target/release/liboutpost_policy_basic.so target/release/liboutpost_cache_memory.so \
-    target/release/liboutpost_sink_access_log.so "$plugin_dir/"
+    target/release/liboutpost_sink_access_log.so target/release/liboutpost_store_fs.so \
+    target/release/liboutpost_store_sqlite.so target/release/liboutpost_store_redis.so "$plugin_dir/"
 cat >"$plugin_dir/check.toml" <<EOF
 [runtime]
 plugin_dir = "$plugin_dir"
@@ -36,6 +38,22 @@ library = "outpost_cache_memory"
 [[plugins]]
 name = "access"
 library = "outpost_sink_access_log"
+
+[[plugins]]
+name = "fs"
+library = "outpost_store_fs"
+
+[[plugins]]
+name = "sqlite"
+library = "outpost_store_sqlite"
+
+[[plugins]]
+name = "redis"
+library = "outpost_store_redis"
+
+[backup]
+store = "fs"
+config = { dir = "$plugin_dir/backup" }
 
 [[caches]]
 name = "local"

@@ -6,6 +6,7 @@ mod limits;
 mod plugins;
 mod protocols;
 mod routing;
+mod stores;
 mod tls;
 
 use serde_json::{json, Value};

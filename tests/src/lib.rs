@@ -5,10 +5,12 @@
 pub mod backend;
 pub mod certs;
 pub mod gateway;
+pub mod redis;
 
 pub use backend::{Backend, BackendOptions};
 pub use certs::{Ca, Leaf};
 pub use gateway::{Gateway, GatewaySpec};
+pub use redis::RedisServer;
 
 /// A port that was free a moment ago and now has nothing listening: for "backend down".
 pub fn closed_port() -> u16 {

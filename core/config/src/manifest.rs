@@ -32,6 +32,8 @@ pub struct Manifest {
     pub caches: Vec<CacheEntry>,
     /// The telemetry queue and its sinks (`[telemetry]`, `[[telemetry.sinks]]`).
     pub telemetry: Telemetry,
+    /// Where applied configurations are backed up (`[backup]`; none when absent).
+    pub backup: Option<Backup>,
     /// Where the API configuration comes from.
     pub config: ConfigSource,
 }
@@ -352,6 +354,28 @@ pub struct SinkEntry {
     pub config: serde_json::Value,
 }
 
+/// `[backup]`: the store that keeps the configurations this gateway applied, so that it can
+/// start from the newest one when its configuration source is unusable.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Backup {
+    /// The store type, as a loaded plugin names it (`fs`, `sqlite`, `redis`).
+    pub store: String,
+    /// The store instance's configuration, passed to the plugin as JSON.
+    #[serde(default = "empty_object")]
+    pub config: serde_json::Value,
+    /// Generations kept (older ones are pruned after each save). Default 5.
+    #[serde(default = "default_generations")]
+    pub generations: u32,
+    /// The key this gateway's generations are kept under; default: the gateway id.
+    #[serde(default)]
+    pub scope: Option<String>,
+}
+
+fn default_generations() -> u32 {
+    5
+}
+
 /// `[shutdown]`: what SIGTERM / SIGINT do.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -407,6 +431,7 @@ const SECTIONS: &[&str] = &[
     "plugins",
     "caches",
     "telemetry",
+    "backup",
     "config",
 ];
 
@@ -518,6 +543,25 @@ impl Manifest {
             Some(_) => report.push("plugins", "must be an array of tables ([[plugins]])"),
         }
 
+        let backup = match table.get("backup") {
+            None => None,
+            Some(v @ toml::Value::Table(_)) => {
+                let b = deserialize_into::<Backup, _>(v.clone(), "backup", &mut report);
+                if let Some(b) = &b {
+                    if b.generations == 0 {
+                        report.push("backup.generations", "must be at least 1");
+                    }
+                    if b.scope.as_deref().is_some_and(|s| s.trim().is_empty()) {
+                        report.push("backup.scope", "must not be empty");
+                    }
+                }
+                b
+            }
+            Some(_) => {
+                report.push("backup", "must be a table ([backup])");
+                None
+            }
+        };
         let mut caches = Vec::new();
         match table.get("caches") {
             None => {}
@@ -636,6 +680,7 @@ impl Manifest {
             plugins,
             caches,
             telemetry,
+            backup,
             config,
         })
     }

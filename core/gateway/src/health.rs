@@ -31,15 +31,28 @@ pub fn answer(shared: &Shared, path: &str) -> Option<Response<ResponseBody>> {
                     StatusCode::SERVICE_UNAVAILABLE,
                     serde_json::json!({ "status": "no configuration" }),
                 ),
-                (Some(s), false) => (
-                    StatusCode::OK,
-                    serde_json::json!({
+                (Some(s), false) => {
+                    let mut json = serde_json::json!({
                         "status": "ready",
                         "configVersion": s.version,
                         "configDigest": s.digest,
                         "configSource": s.origin.kind(),
-                    }),
-                ),
+                    });
+                    if let crate::snapshot::ConfigOrigin::Backup {
+                        generation,
+                        saved_unix_ms,
+                        ..
+                    } = &s.origin
+                    {
+                        let now = std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map_or(0, |d| d.as_millis() as u64);
+                        json["backupGeneration"] = (*generation).into();
+                        json["backupAgeSeconds"] =
+                            (now.saturating_sub(*saved_unix_ms) / 1000).into();
+                    }
+                    (StatusCode::OK, json)
+                }
             }
         }
         _ => return None,

@@ -5,6 +5,7 @@
 //! [`Gateway::start`] binds everything a manifest names and returns once the gateway serves;
 //! [`Gateway::shutdown`] drains it.
 
+pub mod backup;
 pub mod body;
 pub mod error;
 pub mod headers;
@@ -45,6 +46,14 @@ pub enum StartError {
     /// Plugins could not be loaded.
     #[error("{}", .0.join("\n"))]
     Plugins(Vec<String>),
+    /// The configuration source is unusable and no backup could stand in for it.
+    #[error("{source}\nNo backup to start from: {backup}")]
+    NoConfig {
+        /// Why the configuration source is unusable.
+        source: Report,
+        /// Why the backup could not be used.
+        backup: String,
+    },
     /// A listener could not bind.
     #[error("listener '{listener}' cannot bind {address}: {source}")]
     Bind {
@@ -77,6 +86,9 @@ pub fn check(manifest: &Manifest) -> Vec<String> {
         }
     };
     let clients = ClientCache::new(manifest.upstream.clone());
+    if let Err(e) = backup::Backup::from_manifest(manifest, &plugins) {
+        problems.push(e);
+    }
     if let Err(e) = plugins::Services::new(manifest, &plugins, &clients) {
         problems.extend(e);
     }
@@ -93,6 +105,64 @@ pub fn check(manifest: &Manifest) -> Vec<String> {
         }
     }
     problems
+}
+
+/// Starts from the newest backup that verifies, because the configuration source could not be
+/// used (`report` says why).
+async fn from_backup(
+    backup: &Arc<backup::Backup>,
+    report: Report,
+    clients: &Arc<ClientCache>,
+    plugins: &Arc<plugins::PluginHost>,
+) -> Result<snapshot::Snapshot, StartError> {
+    tracing::error!(report = %report, store = %backup.name, "The configuration source is unusable; trying the backup.");
+    let b = backup.clone();
+    let (c, p) = (clients.clone(), plugins.clone());
+    let built = tokio::task::spawn_blocking(move || {
+        let restored = b.load_newest()?;
+        let config = outpost_config::ApiConfig::parse(&restored.envelope.config, "backup")
+            .map_err(|r| r.to_string())?;
+        let origin = snapshot::ConfigOrigin::Backup {
+            store: b.name.clone(),
+            generation: restored.generation,
+            saved_unix_ms: restored.envelope.saved_unix_ms,
+        };
+        snapshot::Snapshot::build(config, restored.envelope.config.as_bytes(), origin, &c, &p)
+            .map_err(|r| r.to_string())
+    })
+    .await
+    .map_err(|e| e.to_string())
+    .and_then(|r| r);
+    match built {
+        Ok(s) => {
+            if let snapshot::ConfigOrigin::Backup {
+                generation,
+                saved_unix_ms,
+                ..
+            } = &s.origin
+            {
+                let age_s = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64)
+                    .saturating_sub(*saved_unix_ms)
+                    / 1000;
+                tracing::warn!(
+                    source = "backup",
+                    store = %backup.name,
+                    generation,
+                    version = %s.version,
+                    digest = %s.digest,
+                    age_s,
+                    "Serving the configuration from the backup store."
+                );
+            }
+            Ok(s)
+        }
+        Err(why) => Err(StartError::NoConfig {
+            source: report,
+            backup: why,
+        }),
+    }
 }
 
 /// A running gateway.
@@ -143,18 +213,28 @@ impl Gateway {
             services,
             telemetry,
         ));
+        let backup = backup::Backup::from_manifest(manifest, &plugins)
+            .map_err(|e| StartError::Plugins(vec![e]))?
+            .map(Arc::new);
         let ConfigSource::File(source) = &manifest.config;
         let initial_stamp = reload::stamp(&source.path);
-        let snapshot =
-            reload::load_file(&source.path, &clients, &plugins).map_err(StartError::Config)?;
-        tracing::info!(
-            version = %snapshot.version,
-            digest = %snapshot.digest,
-            apis = snapshot.apis.len(),
-            source = %source.path.display(),
-            "Configuration loaded."
-        );
-        shared.snapshot.store(Some(Arc::new(snapshot)));
+        let snapshot = match reload::load_file(&source.path, &clients, &plugins) {
+            Ok(s) => {
+                tracing::info!(
+                    version = %s.version,
+                    digest = %s.digest,
+                    apis = s.apis.len(),
+                    source = %source.path.display(),
+                    "Configuration loaded."
+                );
+                s
+            }
+            Err(report) => match &backup {
+                None => return Err(StartError::Config(report)),
+                Some(b) => from_backup(b, report, &clients, &plugins).await?,
+            },
+        };
+        shared.apply(Arc::new(snapshot));
 
         // Installed before "Listening." so an early SIGHUP reloads instead of killing.
         let hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
@@ -191,6 +271,9 @@ impl Gateway {
                 done: done_tx.clone(),
             };
             tasks.push(tokio::spawn(b.serve(shared.clone(), drain)));
+        }
+        if let Some(b) = backup {
+            tasks.push(tokio::spawn(backup::saver(b, shared.applied.subscribe())));
         }
         tasks.push(tokio::spawn(reload::watch_file(
             shared.clone(),

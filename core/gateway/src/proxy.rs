@@ -56,6 +56,8 @@ pub struct Shared {
     pub services: Services,
     /// Telemetry sinks (`None`: requests build no record).
     pub telemetry: Option<Telemetry>,
+    /// Every configuration applied, for whoever follows them (the backup saver).
+    pub applied: tokio::sync::watch::Sender<Option<Arc<Snapshot>>>,
 }
 
 impl Shared {
@@ -77,7 +79,14 @@ impl Shared {
             reserved_headers,
             services,
             telemetry,
+            applied: tokio::sync::watch::Sender::new(None),
         }
+    }
+
+    /// Serves `snapshot` from now on, and tells the followers.
+    pub fn apply(&self, snapshot: Arc<Snapshot>) {
+        self.snapshot.store(Some(snapshot.clone()));
+        self.applied.send_replace(Some(snapshot));
     }
 }
 

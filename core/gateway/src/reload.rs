@@ -128,7 +128,7 @@ pub async fn watch_file(
             Ok(Outcome::Loaded(s)) => {
                 last_digest = s.digest.clone();
                 tracing::info!(version = %s.version, digest = %s.digest, apis = s.apis.len(), "Configuration reloaded.");
-                shared.snapshot.store(Some(Arc::new(*s)));
+                shared.apply(Arc::new(*s));
             }
             Err(e) => tracing::error!(error = %e, "Configuration reload task failed."),
         }

@@ -17,6 +17,15 @@ use crate::upstream::{BackendRoute, ClientCache};
 pub enum ConfigOrigin {
     /// A local file (standalone mode).
     File(String),
+    /// A generation of the backup store, used because the live source could not be.
+    Backup {
+        /// The store's provider name.
+        store: String,
+        /// The generation.
+        generation: u64,
+        /// When it was saved (Unix ms).
+        saved_unix_ms: u64,
+    },
 }
 
 impl ConfigOrigin {
@@ -24,6 +33,7 @@ impl ConfigOrigin {
     pub fn kind(&self) -> &'static str {
         match self {
             Self::File(_) => "file",
+            Self::Backup { .. } => "backup",
         }
     }
 }
@@ -79,6 +89,8 @@ pub struct Snapshot {
     pub keys: HashMap<Box<str>, usize>,
     /// The subscriptions.
     pub subscriptions: Vec<SubscriptionEntry>,
+    /// The document exactly as received (what backups keep).
+    pub raw: bytes::Bytes,
 }
 
 impl Snapshot {
@@ -94,6 +106,9 @@ impl Snapshot {
         let digest = sha256_hex(raw);
         let mut report = Report::new(match &origin {
             ConfigOrigin::File(p) => p.clone(),
+            ConfigOrigin::Backup {
+                store, generation, ..
+            } => format!("backup store '{store}' generation {generation}"),
         });
 
         let mut backends = HashMap::new();
@@ -271,6 +286,7 @@ impl Snapshot {
             apis,
             keys,
             subscriptions,
+            raw: bytes::Bytes::copy_from_slice(raw),
         })
     }
 }
