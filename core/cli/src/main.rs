@@ -3,6 +3,8 @@
 //! * `outpost run --manifest FILE` serves until SIGTERM/SIGINT, then drains and exits 0.
 //! * `outpost check --manifest FILE` loads the manifest, every TLS file and the API
 //!   configuration, prints every problem at once and exits non-zero if there is any.
+//! * `outpost plugins --manifest FILE` lists the plugins a manifest loads.
+//! * `outpost control --manifest FILE` runs the management plane.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -44,6 +46,12 @@ enum Command {
         #[arg(long, short, env = "OUTPOST_MANIFEST")]
         manifest: PathBuf,
     },
+    /// Run the management plane (admin API, configuration distribution, heartbeats).
+    Control {
+        /// The plane's manifest (TOML, a `[control]` table).
+        #[arg(long, short, env = "OUTPOST_CONTROL_MANIFEST")]
+        manifest: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -52,7 +60,48 @@ fn main() -> ExitCode {
         Command::Check { manifest } => check(&manifest),
         Command::Run { manifest } => run(&manifest),
         Command::Plugins { manifest } => plugins(&manifest),
+        Command::Control { manifest } => control(&manifest),
     }
+}
+
+fn control(path: &std::path::Path) -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stdout)
+        .json()
+        .flatten_event(true)
+        .with_current_span(false)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("outpost-control")
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let stop = match outpost_gateway::shutdown_signal() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "Cannot install signal handlers.");
+                return ExitCode::FAILURE;
+            }
+        };
+        match outpost_control::run(path, stop).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!(error = %e, "Cannot start.");
+                ExitCode::FAILURE
+            }
+        }
+    })
 }
 
 fn plugins(path: &std::path::Path) -> ExitCode {
