@@ -402,6 +402,58 @@ impl Default for Shutdown {
 pub enum ConfigSource {
     /// A local JSON file, watched and reloaded when it changes (standalone mode).
     File(FileSource),
+    /// The management plane (`outpost control`), polled (long-poll) for this gateway's
+    /// snapshot.
+    Plane(PlaneSource),
+}
+
+/// `type = "plane"`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlaneSource {
+    /// The plane's base URL (`http://` or `https://`).
+    pub url: String,
+    /// A file holding this gateway's token (relative to the manifest). Renewed tokens are
+    /// written back to it when it is writable.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// Or the token itself.
+    #[serde(default)]
+    pub token: Option<String>,
+    /// The plane's Ed25519 public key (64 hex digits). When set, snapshots that are unsigned or
+    /// whose signature does not verify are rejected, from the plane and from backups alike.
+    #[serde(default)]
+    pub public_key: Option<String>,
+    /// Pause between polls when long-poll is off or after an answer. Default 10000 ms.
+    #[serde(default = "default_poll_ms")]
+    pub poll_interval_ms: u64,
+    /// How long the plane may hold a poll open waiting for a change (0: no long-poll).
+    /// Default 30 s.
+    #[serde(default = "default_long_poll_s")]
+    pub long_poll_s: u64,
+    /// Heartbeat period. Default 60000 ms.
+    #[serde(default = "default_heartbeat_ms")]
+    pub heartbeat_interval_ms: u64,
+    /// At start, how long to keep trying the plane before falling back to the backup.
+    /// Default 10000 ms.
+    #[serde(default = "default_start_wait_ms")]
+    pub start_wait_ms: u64,
+}
+
+fn default_poll_ms() -> u64 {
+    10_000
+}
+
+fn default_long_poll_s() -> u64 {
+    30
+}
+
+fn default_heartbeat_ms() -> u64 {
+    60_000
+}
+
+fn default_start_wait_ms() -> u64 {
+    10_000
 }
 
 /// `type = "file"`.
@@ -653,6 +705,36 @@ impl Manifest {
         let Some(mut config) = config else {
             return Err(report);
         };
+        if let ConfigSource::Plane(p) = &config {
+            if !(p.url.starts_with("http://") || p.url.starts_with("https://"))
+                || p.url.parse::<http::Uri>().is_err()
+            {
+                report.push("config.url", format!("'{}' is not an http(s) URL", p.url));
+            }
+            match (&p.token, &p.token_file) {
+                (Some(_), Some(_)) => {
+                    report.push("config", "give either token or token_file, not both")
+                }
+                (None, None) => report.push("config", "token or token_file is required"),
+                _ => {}
+            }
+            if let Some(k) = &p.public_key {
+                if k.len() != 64 || !k.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    report.push(
+                        "config.public_key",
+                        "must be 64 hex digits (an Ed25519 public key)",
+                    );
+                }
+            }
+            for (key, v) in [
+                ("config.poll_interval_ms", p.poll_interval_ms),
+                ("config.heartbeat_interval_ms", p.heartbeat_interval_ms),
+            ] {
+                if v == 0 {
+                    report.push(key, "must be positive");
+                }
+            }
+        }
         let mut listeners: Vec<Listener> = listeners.into_iter().map(|(_, l)| l).collect();
         resolve_paths(base, &mut listeners, &mut config);
         let mut runtime = runtime;
@@ -857,6 +939,11 @@ fn resolve_paths(base: &Path, listeners: &mut [Listener], config: &mut ConfigSou
     }
     match config {
         ConfigSource::File(f) => fix(&mut f.path),
+        ConfigSource::Plane(p) => {
+            if let Some(t) = &mut p.token_file {
+                fix(t);
+            }
+        }
     }
 }
 
@@ -885,7 +972,9 @@ mod tests {
         assert!(m.listeners[0].http2);
         assert_eq!(m.limits.max_header_bytes, 32 * 1024);
         assert_eq!(m.log.format, LogFormat::Text);
-        let ConfigSource::File(f) = &m.config;
+        let ConfigSource::File(f) = &m.config else {
+            panic!("a file source");
+        };
         assert_eq!(f.path, Path::new("/etc/outpost/api.json"));
         assert_eq!(f.watch_interval_ms, 1000);
     }

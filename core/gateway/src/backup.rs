@@ -38,6 +38,17 @@ pub struct Envelope {
     pub saved_unix_ms: u64,
     /// The configuration document, exactly as applied.
     pub config: String,
+    /// The plane's Ed25519 signature of `config` (hex), when it came signed.
+    #[serde(default)]
+    pub signature: Option<String>,
+}
+
+/// Why a generation could not be used.
+enum Damage {
+    /// Its content is wrong (counted in `outpost_backup_corrupt_total`).
+    Corrupt(String),
+    /// The store could not read it.
+    Unreadable(String),
 }
 
 /// A generation that verified.
@@ -58,6 +69,7 @@ pub struct Backup {
     pub scope: String,
     gateway: String,
     keep: u32,
+    verify_key: Option<Vec<u8>>,
 }
 
 impl std::fmt::Debug for Backup {
@@ -104,15 +116,24 @@ impl Backup {
         let store = plugins
             .store(&b.store, &b.config)
             .map_err(|e| format!("backup: {e}"))?;
+        let scope = b
+            .scope
+            .clone()
+            .unwrap_or_else(|| manifest.gateway.id.clone());
+        // A scope the store cannot use is a configuration error, found now rather than at the
+        // first save. (A store that is merely unreachable is not: the gateway starts anyway.)
+        if let RResult::RErr(e) = store.list(scope.as_str().into()) {
+            if e.kind == outpost_plugin_api::ErrorKind::CONFIG {
+                return Err(format!("backup: scope '{scope}': {}", e.message));
+            }
+        }
         Ok(Some(Backup {
             store,
             name: b.store.clone(),
-            scope: b
-                .scope
-                .clone()
-                .unwrap_or_else(|| manifest.gateway.id.clone()),
+            scope,
             gateway: manifest.gateway.id.clone(),
             keep: b.generations,
+            verify_key: crate::plane::public_key(manifest),
         }))
     }
 
@@ -128,6 +149,7 @@ impl Backup {
             digest: snapshot.digest.clone(),
             saved_unix_ms: now_ms(),
             config,
+            signature: snapshot.signature.clone(),
         };
         let data = serde_json::to_vec(&envelope).map_err(|e| e.to_string())?;
         let newest = match self.store.list(self.scope.as_str().into()) {
@@ -151,6 +173,15 @@ impl Backup {
 
     /// The newest generation that verifies, skipping (and reporting) damaged ones (blocking).
     pub fn load_newest(&self) -> Result<Restored, String> {
+        self.restore(|_| Ok(())).map(|(r, ())| r)
+    }
+
+    /// The newest generation that verifies and that `build` accepts, trying older ones after
+    /// a damaged generation or one `build` refuses (blocking).
+    pub fn restore<T>(
+        &self,
+        mut build: impl FnMut(&Restored) -> Result<T, String>,
+    ) -> Result<(Restored, T), String> {
         let list = match self.store.list(self.scope.as_str().into()) {
             RResult::ROk(l) => l,
             RResult::RErr(e) => {
@@ -170,14 +201,25 @@ impl Backup {
         for g in list.iter() {
             match self.verify(g.generation) {
                 Ok(envelope) => {
-                    return Ok(Restored {
+                    let restored = Restored {
                         generation: g.generation,
                         envelope,
-                    })
+                    };
+                    match build(&restored) {
+                        Ok(t) => return Ok((restored, t)),
+                        Err(why) => {
+                            tracing::error!(store = %self.name, generation = g.generation, error = %why, "Backup generation does not build with this gateway; trying an older one.");
+                            problems.push(format!("generation {}: {why}", g.generation));
+                        }
+                    }
                 }
-                Err(why) => {
+                Err(Damage::Corrupt(why)) => {
                     corrupt_counter().inc(&[&self.name]);
                     tracing::error!(store = %self.name, scope = %self.scope, generation = g.generation, error = %why, "Backup generation is damaged; trying an older one.");
+                    problems.push(format!("generation {}: {why}", g.generation));
+                }
+                Err(Damage::Unreadable(why)) => {
+                    tracing::error!(store = %self.name, scope = %self.scope, generation = g.generation, error = %why, "Backup generation could not be read; trying an older one.");
                     problems.push(format!("generation {}: {why}", g.generation));
                 }
             }
@@ -190,22 +232,38 @@ impl Backup {
         ))
     }
 
-    fn verify(&self, generation: u64) -> Result<Envelope, String> {
+    fn verify(&self, generation: u64) -> Result<Envelope, Damage> {
         let data = match self.store.load(self.scope.as_str().into(), generation) {
-            RResult::ROk(d) => d.into_option().ok_or("it disappeared while reading")?,
-            RResult::RErr(e) => return Err(e.message.into_string()),
+            RResult::ROk(d) => d
+                .into_option()
+                .ok_or(Damage::Unreadable("it disappeared while reading".into()))?,
+            RResult::RErr(e) if e.kind == outpost_plugin_api::ErrorKind::CORRUPT => {
+                return Err(Damage::Corrupt(e.message.into_string()))
+            }
+            RResult::RErr(e) => return Err(Damage::Unreadable(e.message.into_string())),
         };
-        let envelope: Envelope =
-            serde_json::from_slice(&data).map_err(|e| format!("not a backup envelope: {e}"))?;
+        let envelope: Envelope = serde_json::from_slice(&data)
+            .map_err(|e| Damage::Corrupt(format!("not a backup envelope: {e}")))?;
         if envelope.format != FORMAT {
-            return Err(format!("unknown format '{}'", envelope.format));
+            return Err(Damage::Corrupt(format!(
+                "unknown format '{}'",
+                envelope.format
+            )));
         }
         let digest = sha256_hex(envelope.config.as_bytes());
         if digest != envelope.digest {
-            return Err(format!(
+            return Err(Damage::Corrupt(format!(
                 "digest mismatch: the content hashes to {digest}, the envelope says {}",
                 envelope.digest
-            ));
+            )));
+        }
+        if let Some(key) = &self.verify_key {
+            crate::plane::verify_signature(
+                key,
+                envelope.config.as_bytes(),
+                envelope.signature.as_deref(),
+            )
+            .map_err(Damage::Corrupt)?;
         }
         Ok(envelope)
     }
@@ -213,7 +271,18 @@ impl Backup {
 
 /// Saves every configuration published on `latest`, retrying a failed save with backoff
 /// (1 s doubling to 60 s) until it is stored or a newer configuration replaces it.
-pub async fn saver(backup: Arc<Backup>, mut latest: watch::Receiver<Option<Arc<Snapshot>>>) {
+pub async fn saver(
+    backup: Arc<Backup>,
+    latest: watch::Receiver<Option<Arc<Snapshot>>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    tokio::select! {
+        _ = save_loop(backup, latest) => {}
+        _ = stop.wait_for(|s| *s) => {}
+    }
+}
+
+async fn save_loop(backup: Arc<Backup>, mut latest: watch::Receiver<Option<Arc<Snapshot>>>) {
     let mut saved_digest = String::new();
     loop {
         let snapshot = latest.borrow_and_update().clone();
@@ -234,7 +303,10 @@ pub async fn saver(backup: Arc<Backup>, mut latest: watch::Receiver<Option<Arc<S
                         failed_counter().inc(&[&backup.name]);
                         tracing::warn!(store = %backup.name, error = %e, retry_in = ?delay, "Backing up the configuration failed; will retry.");
                     }
-                    Err(e) => tracing::error!(error = %e, "The backup task failed."),
+                    Err(e) => {
+                        failed_counter().inc(&[&backup.name]);
+                        tracing::error!(error = %e, "The backup task failed.");
+                    }
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}

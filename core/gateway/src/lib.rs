@@ -12,6 +12,7 @@ pub mod headers;
 pub mod health;
 pub mod listener;
 pub mod metrics;
+pub mod plane;
 pub mod plugins;
 pub mod proxy;
 pub mod reload;
@@ -103,6 +104,12 @@ pub fn check(manifest: &Manifest) -> Vec<String> {
                 problems.push(r.to_string());
             }
         }
+        ConfigSource::Plane(p) => {
+            // The plane itself is not contacted here: a check runs anywhere.
+            if let Err(e) = plane::PlaneClient::new(manifest, p, &clients) {
+                problems.push(e);
+            }
+        }
     }
     problems
 }
@@ -119,16 +126,26 @@ async fn from_backup(
     let b = backup.clone();
     let (c, p) = (clients.clone(), plugins.clone());
     let built = tokio::task::spawn_blocking(move || {
-        let restored = b.load_newest()?;
-        let config = outpost_config::ApiConfig::parse(&restored.envelope.config, "backup")
+        let (_, snapshot) = b.restore(|restored| {
+            let config = outpost_config::ApiConfig::parse(&restored.envelope.config, "backup")
+                .map_err(|r| r.to_string())?;
+            let origin = snapshot::ConfigOrigin::Backup {
+                store: b.name.clone(),
+                generation: restored.generation,
+                saved_unix_ms: restored.envelope.saved_unix_ms,
+            };
+            let mut s = snapshot::Snapshot::build(
+                config,
+                restored.envelope.config.as_bytes(),
+                origin,
+                &c,
+                &p,
+            )
             .map_err(|r| r.to_string())?;
-        let origin = snapshot::ConfigOrigin::Backup {
-            store: b.name.clone(),
-            generation: restored.generation,
-            saved_unix_ms: restored.envelope.saved_unix_ms,
-        };
-        snapshot::Snapshot::build(config, restored.envelope.config.as_bytes(), origin, &c, &p)
-            .map_err(|r| r.to_string())
+            s.signature = restored.envelope.signature.clone();
+            Ok(s)
+        })?;
+        Ok(snapshot)
     })
     .await
     .map_err(|e| e.to_string())
@@ -216,15 +233,33 @@ impl Gateway {
         let backup = backup::Backup::from_manifest(manifest, &plugins)
             .map_err(|e| StartError::Plugins(vec![e]))?
             .map(Arc::new);
-        let ConfigSource::File(source) = &manifest.config;
-        let initial_stamp = reload::stamp(&source.path);
-        let snapshot = match reload::load_file(&source.path, &clients, &plugins) {
+        let (loaded, file_stamp, plane) = match &manifest.config {
+            ConfigSource::File(source) => {
+                let stamp = reload::stamp(&source.path);
+                (
+                    reload::load_file(&source.path, &clients, &plugins),
+                    stamp,
+                    None,
+                )
+            }
+            ConfigSource::Plane(p) => {
+                let client = plane::PlaneClient::new(manifest, p, &clients)
+                    .map_err(|e| StartError::Plugins(vec![e]))?;
+                let client = Arc::new(client);
+                (
+                    plane::initial(&client, &clients, &plugins).await,
+                    None,
+                    Some(client),
+                )
+            }
+        };
+        let snapshot = match loaded {
             Ok(s) => {
                 tracing::info!(
                     version = %s.version,
                     digest = %s.digest,
                     apis = s.apis.len(),
-                    source = %source.path.display(),
+                    source = s.origin.kind(),
                     "Configuration loaded."
                 );
                 s
@@ -273,17 +308,41 @@ impl Gateway {
             tasks.push(tokio::spawn(b.serve(shared.clone(), drain)));
         }
         if let Some(b) = backup {
-            tasks.push(tokio::spawn(backup::saver(b, shared.applied.subscribe())));
+            tasks.push(tokio::spawn(backup::saver(
+                b,
+                shared.applied.subscribe(),
+                stop_rx.clone(),
+            )));
         }
-        tasks.push(tokio::spawn(reload::watch_file(
-            shared.clone(),
-            clients,
-            plugins,
-            source.clone(),
-            hangup,
-            initial_stamp,
-            stop_rx,
-        )));
+        match (&manifest.config, plane) {
+            (ConfigSource::Plane(_), Some(client)) => {
+                tasks.push(tokio::spawn(plane::heartbeat(
+                    client.clone(),
+                    shared.clone(),
+                    manifest.gateway.id.clone(),
+                    stop_rx.clone(),
+                )));
+                tasks.push(tokio::spawn(plane::sync(
+                    client,
+                    shared.clone(),
+                    clients,
+                    plugins,
+                    stop_rx,
+                )));
+            }
+            (ConfigSource::File(source), _) => {
+                tasks.push(tokio::spawn(reload::watch_file(
+                    shared.clone(),
+                    clients,
+                    plugins,
+                    source.clone(),
+                    hangup,
+                    file_stamp,
+                    stop_rx,
+                )));
+            }
+            (ConfigSource::Plane(_), None) => unreachable!("a plane source has a client"),
+        }
         Ok(Gateway {
             shared,
             stop,

@@ -58,6 +58,8 @@ pub struct Shared {
     pub telemetry: Option<Telemetry>,
     /// Every configuration applied, for whoever follows them (the backup saver).
     pub applied: tokio::sync::watch::Sender<Option<Arc<Snapshot>>>,
+    /// Requests served since start (heartbeats report it).
+    pub requests: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {
@@ -80,6 +82,7 @@ impl Shared {
             services,
             telemetry,
             applied: tokio::sync::watch::Sender::new(None),
+            requests: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -147,6 +150,7 @@ pub async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Infallible> {
     conn.served.store(true, Ordering::Relaxed);
+    shared.requests.fetch_add(1, Ordering::Relaxed);
     let started = tokio::time::Instant::now();
     let request_id = headers::request_id(req.headers());
     let method = req.method().clone();

@@ -74,10 +74,13 @@ pub async fn watch_file(
     let path: PathBuf = source.path.clone();
     let mut last_stamp = initial;
     // Digest of the last content looked at, valid or not, so a bad file is reported once.
+    // Serving a backup: the file, once readable and valid, is applied even when it is the same
+    // document (it is the live source again).
     let mut last_digest = shared
         .snapshot
         .load()
         .as_ref()
+        .filter(|s| s.origin.kind() == "file")
         .map(|s| s.digest.clone())
         .unwrap_or_default();
     let period =

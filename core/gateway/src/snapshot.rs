@@ -17,6 +17,8 @@ use crate::upstream::{BackendRoute, ClientCache};
 pub enum ConfigOrigin {
     /// A local file (standalone mode).
     File(String),
+    /// The management plane.
+    Plane(String),
     /// A generation of the backup store, used because the live source could not be.
     Backup {
         /// The store's provider name.
@@ -33,6 +35,7 @@ impl ConfigOrigin {
     pub fn kind(&self) -> &'static str {
         match self {
             Self::File(_) => "file",
+            Self::Plane(_) => "live",
             Self::Backup { .. } => "backup",
         }
     }
@@ -91,6 +94,8 @@ pub struct Snapshot {
     pub subscriptions: Vec<SubscriptionEntry>,
     /// The document exactly as received (what backups keep).
     pub raw: bytes::Bytes,
+    /// The plane's signature of `raw` (hex), when it came signed.
+    pub signature: Option<String>,
 }
 
 impl Snapshot {
@@ -105,7 +110,7 @@ impl Snapshot {
     ) -> Result<Snapshot, Report> {
         let digest = sha256_hex(raw);
         let mut report = Report::new(match &origin {
-            ConfigOrigin::File(p) => p.clone(),
+            ConfigOrigin::File(p) | ConfigOrigin::Plane(p) => p.clone(),
             ConfigOrigin::Backup {
                 store, generation, ..
             } => format!("backup store '{store}' generation {generation}"),
@@ -287,6 +292,7 @@ impl Snapshot {
             keys,
             subscriptions,
             raw: bytes::Bytes::copy_from_slice(raw),
+            signature: None,
         })
     }
 }

@@ -59,9 +59,10 @@ fn scope_dir(root: &Path, scope: &str) -> Result<PathBuf, Error> {
     if ok {
         Ok(root.join(scope))
     } else {
-        Err(Error::from(format!(
-            "scope '{scope}' is not usable as a directory name (letters, digits, '.', '_', '-')"
-        )))
+        Err(Error::new(
+            outpost_plugin_sdk::api::ErrorKind::CONFIG,
+            format!("scope '{scope}' is not usable as a directory name (letters, digits, '.', '_', '-')"),
+        ))
     }
 }
 

@@ -91,8 +91,9 @@ impl RedisStore {
 
     /// Runs `f` on the kept connection, opening one when there is none. When a kept
     /// connection turns out to be dead (Redis restarted since), `f` runs once more on a new
-    /// one: every command here can be repeated safely. Any other failure drops the connection
-    /// so the next call reconnects.
+    /// one: every command here can be repeated safely. A failure of the connection itself
+    /// (I/O, timeout, refused) drops it so the next call reconnects; a command error (such as
+    /// a refused AUTH) keeps it.
     fn with<T>(&self, f: impl Fn(&mut Connection) -> redis::RedisResult<T>) -> Result<T, Error> {
         let mut slot = self.conn.lock().unwrap_or_else(|e| e.into_inner());
         let reused = slot.is_some();
