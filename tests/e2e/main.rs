@@ -3,6 +3,7 @@
 mod host_work;
 mod lifecycle;
 mod limits;
+mod plane;
 mod plugins;
 mod protocols;
 mod routing;

@@ -84,9 +84,18 @@ impl Gateway {
             serde_json::to_vec_pretty(&spec.api).expect("json"),
         )
         .expect("write api.json");
+        // A manifest with its own [config] (a plane source) keeps it; otherwise the file.
+        let config = if spec.manifest.contains("[config]") {
+            String::new()
+        } else {
+            format!(
+                "\n[config]\ntype = \"file\"\npath = \"api.json\"\nwatch_interval_ms = {}\n",
+                spec.watch_ms
+            )
+        };
         let manifest = format!(
-            "{}\n[log]\nformat = \"json\"\nlevel = \"info\"\naccess_log = true\n\n[config]\ntype = \"file\"\npath = \"api.json\"\nwatch_interval_ms = {}\n",
-            spec.manifest, spec.watch_ms
+            "{}\n[log]\nformat = \"json\"\nlevel = \"info\"\naccess_log = true\n{config}",
+            spec.manifest
         );
         std::fs::write(dir.path().join("outpost.toml"), &manifest).expect("write manifest");
         let expected = manifest.matches("[[listeners]]").count();

@@ -4,11 +4,13 @@
 
 pub mod backend;
 pub mod certs;
+pub mod control;
 pub mod gateway;
 pub mod redis;
 
 pub use backend::{Backend, BackendOptions};
 pub use certs::{Ca, Leaf};
+pub use control::ControlPlane;
 pub use gateway::{Gateway, GatewaySpec};
 pub use redis::RedisServer;
 

@@ -125,9 +125,9 @@ impl Plane {
         let public_key_hex = hex(key.public_key().as_ref());
         let db = Db::open(&resolve(base, &c.database)).map_err(Error::State)?;
         let version = db.version().map_err(Error::State)?;
-        if c.gateway_token_ttl_s < 60 {
+        if c.gateway_token_ttl_s < 2 {
             return Err(Error::Settings(
-                "gateway_token_ttl_s must be at least 60".into(),
+                "gateway_token_ttl_s must be at least 2".into(),
             ));
         }
         Ok((

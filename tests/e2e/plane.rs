@@ -1,0 +1,399 @@
+//! The management plane and gateways configured from it: admin changes reaching gateways
+//! (poll and long-poll), signed snapshots, rejected snapshots, heartbeats, tokens (revoked,
+//! expired, renewed), and failing static while the plane is away.
+
+use std::time::{Duration, Instant};
+
+use outpost_tests::gateway::LISTENER_HTTP;
+use outpost_tests::{Backend, ControlPlane, Gateway, GatewaySpec};
+use serde_json::{json, Value};
+
+use crate::client;
+
+/// Backend, an open API at `/svc`, and gateway `gw1` serving it; answers a token.
+async fn seed(plane: &ControlPlane, backend: &Backend) -> String {
+    let (s, v) = plane
+        .admin(
+            "PUT",
+            "/backends/b",
+            Some(json!({ "urls": [backend.url(false)] })),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let (s, v) = plane
+        .admin(
+            "PUT",
+            "/apis/svc",
+            Some(json!({
+                "path": "/svc", "backend": "b", "subscription_required": false,
+                "operations": [{ "id": "any", "method": "*", "url_template": "/*" }]
+            })),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let (s, v) = plane
+        .admin("PUT", "/gateways/gw1", Some(json!({ "apis": ["svc"] })))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let (s, v) = plane.admin("POST", "/gateways/gw1/tokens", None).await;
+    assert_eq!(s, 201, "{v}");
+    v["token"].as_str().unwrap().to_owned()
+}
+
+fn gateway_manifest(
+    plane: &ControlPlane,
+    token_file: &std::path::Path,
+    extra: &str,
+    long_poll_s: u64,
+) -> String {
+    format!(
+        "[gateway]\nid = \"gw1\"\n\n{LISTENER_HTTP}\n{extra}\n[config]\ntype = \"plane\"\nurl = \"{}\"\ntoken_file = \"{}\"\npublic_key = \"{}\"\npoll_interval_ms = 200\nlong_poll_s = {long_poll_s}\nheartbeat_interval_ms = 200\nstart_wait_ms = 2000\n",
+        plane.url(),
+        token_file.display(),
+        plane.public_key
+    )
+}
+
+fn spec(manifest: String) -> GatewaySpec {
+    GatewaySpec {
+        manifest,
+        api: json!({}),
+        files: Vec::new(),
+        watch_ms: 100,
+    }
+}
+
+async fn status(gw: &Gateway) -> Value {
+    client()
+        .get(gw.url("/readyz"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// Waits until the gateway serves `path` with `code`; answers how long it took.
+async fn until_status(gw: &Gateway, path: &str, code: u16) -> Duration {
+    let start = Instant::now();
+    loop {
+        let r = client().get(gw.url(path)).send().await.unwrap();
+        if r.status().as_u16() == code {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{path} never answered {code}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn admin_changes_reach_gateways_by_long_poll_and_heartbeats_report_them() {
+    let backend = Backend::start().await;
+    let plane = ControlPlane::start();
+    let token = seed(&plane, &backend).await;
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("gw.token");
+    std::fs::write(&token_file, &token).unwrap();
+    let gw = Gateway::start(spec(gateway_manifest(&plane, &token_file, "", 30)));
+    let r = client().get(gw.url("/svc/echo")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(status(&gw).await["configSource"], "live");
+
+    // A change waits in no queue: the long-poll answers it at once.
+    let (s, _) = plane
+        .admin(
+            "PUT",
+            "/apis/svc",
+            Some(json!({
+                "path": "/v2", "backend": "b", "subscription_required": false,
+                "operations": [{ "id": "any", "method": "*", "url_template": "/*" }]
+            })),
+        )
+        .await;
+    assert_eq!(s, 200);
+    let took = until_status(&gw, "/v2/echo", 200).await;
+    assert!(took < Duration::from_secs(5), "long-poll took {took:?}");
+    assert_eq!(
+        client()
+            .get(gw.url("/svc/echo"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+
+    // Heartbeats: the applied version, the source, the instance.
+    let (_, v) = plane.admin("GET", "/version", None).await;
+    let version = v["version"].as_u64().unwrap().to_string();
+    let gws = plane
+        .wait_admin("/gateways", |g| {
+            g[0]["heartbeat"]["config_version"] == version.as_str()
+        })
+        .await;
+    assert_eq!(gws[0]["id"], "gw1");
+    assert_eq!(gws[0]["heartbeat"]["config_source"], "live");
+    assert!(gws[0]["heartbeat"]["instance_id"]
+        .as_str()
+        .is_some_and(|s| !s.is_empty()));
+    assert!(gws[0]["heartbeat"]["last_error"].is_null());
+
+    // Bad admin input: 400 with the problems, and nothing written.
+    let (s, v) = plane
+        .admin(
+            "PUT",
+            "/apis/bad",
+            Some(json!({ "path": "/x", "backend": "nope" })),
+        )
+        .await;
+    assert_eq!(s, 400, "{v}");
+    assert!(v["problems"].to_string().contains("nope"), "{v}");
+    let (_, after) = plane.admin("GET", "/version", None).await;
+    assert_eq!(after["version"], v_version(&version));
+    let (s, _) = plane.admin("GET", "/apis/bad", None).await;
+    assert_eq!(s, 404);
+    // Secrets are never listed in clear; keys are generated.
+    plane
+        .admin(
+            "PUT",
+            "/named-values/pw",
+            Some(json!({ "value": "hunter2", "secret": true })),
+        )
+        .await;
+    let (_, nv) = plane.admin("GET", "/named-values", None).await;
+    assert_eq!(nv[0]["value"], "***");
+    let (s, sub) = plane
+        .admin(
+            "PUT",
+            "/subscriptions/s1",
+            Some(json!({ "scope": { "type": "all" } })),
+        )
+        .await;
+    assert_eq!(s, 200, "{sub}");
+    let (_, sub) = plane.admin("GET", "/subscriptions/s1", None).await;
+    assert_eq!(sub["primary_key"].as_str().map(str::len), Some(32));
+    let (s, api) = plane.admin("GET", "/openapi.json", None).await;
+    assert_eq!(s, 200);
+    assert!(api["paths"]["/gateway/v1/config"].is_object());
+    // Without the admin token: 401.
+    let r = client()
+        .get(format!("{}/admin/v1/apis", plane.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+}
+
+fn v_version(s: &str) -> Value {
+    json!(s.parse::<u64>().unwrap())
+}
+
+#[tokio::test]
+async fn without_long_poll_a_change_arrives_within_one_poll() {
+    let backend = Backend::start().await;
+    let plane = ControlPlane::start();
+    let token = seed(&plane, &backend).await;
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("gw.token");
+    std::fs::write(&token_file, &token).unwrap();
+    let gw = Gateway::start(spec(gateway_manifest(&plane, &token_file, "", 0)));
+    assert_eq!(
+        client()
+            .get(gw.url("/svc/echo"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let (s, _) = plane
+        .admin("PUT", "/gateways/gw1", Some(json!({ "apis": [] })))
+        .await;
+    assert_eq!(s, 200);
+    until_status(&gw, "/svc/echo", 404).await;
+}
+
+#[tokio::test]
+async fn snapshots_that_do_not_verify_or_build_are_refused_and_the_gateway_keeps_serving() {
+    let backend = Backend::start().await;
+    let plane = ControlPlane::start();
+    let token = seed(&plane, &backend).await;
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("gw.token");
+    std::fs::write(&token_file, &token).unwrap();
+
+    // Another plane's key: the snapshot's signature does not verify, nothing to fall back on.
+    let other = ControlPlane::start();
+    let wrong =
+        gateway_manifest(&plane, &token_file, "", 30).replace(&plane.public_key, &other.public_key);
+    let Err((status, logs)) = Gateway::try_start(spec(wrong)) else {
+        panic!("started with a snapshot whose signature does not verify");
+    };
+    assert!(status.is_some_and(|s| !s.success()));
+    assert!(
+        logs.join("\n").contains("signature does not verify"),
+        "{logs:?}"
+    );
+
+    // Running: a snapshot the gateway cannot build (a policy no plugin provides) is refused;
+    // the previous configuration keeps serving, and the heartbeat carries the error.
+    let gw = Gateway::start(spec(gateway_manifest(&plane, &token_file, "", 30)));
+    let (s, v) = plane
+        .admin(
+            "PUT",
+            "/apis/svc",
+            Some(json!({
+                "path": "/svc", "backend": "b", "subscription_required": false,
+                "policies": { "inbound": [{ "policy": "no-such-policy" }] },
+                "operations": [{ "id": "any", "method": "*", "url_template": "/*" }]
+            })),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    gw.wait_for_log(
+        "Rejected the configuration from the plane; the previous one keeps serving.",
+        1,
+    );
+    assert_eq!(
+        client()
+            .get(gw.url("/svc/echo"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let gws = plane
+        .wait_admin("/gateways", |g| {
+            g[0]["heartbeat"]["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("no-such-policy"))
+        })
+        .await;
+    assert!(gws[0]["heartbeat"]["last_error"]
+        .as_str()
+        .unwrap()
+        .contains("rejected snapshot"));
+}
+
+#[tokio::test]
+async fn the_gateway_fails_static_restarts_from_its_backup_and_catches_up() {
+    let backend = Backend::start().await;
+    let mut plane = ControlPlane::start();
+    let token = seed(&plane, &backend).await;
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("gw.token");
+    std::fs::write(&token_file, &token).unwrap();
+    let backup = format!(
+        "[[plugins]]\nname = \"fs\"\npath = \"{}\"\n\n[backup]\nstore = \"fs\"\nconfig = {{ dir = \"{}\" }}\n",
+        outpost_tests::gateway::plugin_library("outpost_store_fs").display(),
+        dir.path().join("backup").display()
+    );
+    let manifest = gateway_manifest(&plane, &token_file, &backup, 30);
+    let gw = Gateway::start(spec(manifest.clone()));
+    gw.wait_for_log("Configuration backed up.", 1);
+
+    // The plane goes away under steady traffic: every request is still served.
+    let load = {
+        let url = gw.url("/svc/echo");
+        tokio::spawn(async move {
+            let c = client();
+            let (mut ok, mut failed) = (0, 0);
+            let end = Instant::now() + Duration::from_millis(1500);
+            while Instant::now() < end {
+                match c.get(&url).send().await {
+                    Ok(r) if r.status() == 200 => ok += 1,
+                    _ => failed += 1,
+                }
+            }
+            (ok, failed)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    plane.stop();
+    let (ok, failed) = load.await.unwrap();
+    assert!(ok > 0);
+    assert_eq!(failed, 0, "requests failed while the plane was down");
+    gw.wait_for_log(
+        "Cannot sync with the management plane; the current configuration keeps serving.",
+        1,
+    );
+
+    // Restarted while the plane is down: it serves from its backup.
+    drop(gw);
+    let gw = Gateway::start(spec(manifest.clone()));
+    gw.wait_for_log("Serving the configuration from the backup store.", 1);
+    assert_eq!(status(&gw).await["configSource"], "backup");
+    assert_eq!(
+        client()
+            .get(gw.url("/svc/echo"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+
+    // The plane comes back with a change made meanwhile: the gateway catches up.
+    plane.restart();
+    let (s, _) = plane
+        .admin(
+            "PUT",
+            "/apis/svc",
+            Some(json!({
+                "path": "/back", "backend": "b", "subscription_required": false,
+                "operations": [{ "id": "any", "method": "*", "url_template": "/*" }]
+            })),
+        )
+        .await;
+    assert_eq!(s, 200);
+    until_status(&gw, "/back/echo", 200).await;
+    assert_eq!(status(&gw).await["configSource"], "live");
+}
+
+#[tokio::test]
+async fn tokens_revoked_expired_and_renewed() {
+    let backend = Backend::start().await;
+    let plane = ControlPlane::start_with_ttl(3);
+    let token = seed(&plane, &backend).await;
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("gw.token");
+    std::fs::write(&token_file, &token).unwrap();
+    let gw = Gateway::start(spec(gateway_manifest(&plane, &token_file, "", 1)));
+
+    // Renewed before it expires, and written back: after the first token's lifetime the
+    // gateway still follows changes.
+    gw.wait_for_log("Gateway token renewed.", 1);
+    let renewed = std::fs::read_to_string(&token_file).unwrap();
+    assert_ne!(renewed.trim(), token);
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let (s, _) = plane
+        .admin("PUT", "/gateways/gw1", Some(json!({ "apis": [] })))
+        .await;
+    assert_eq!(s, 200);
+    until_status(&gw, "/svc/echo", 404).await;
+
+    // The first token has expired: the plane says so.
+    let r = client()
+        .get(format!("{}/gateway/v1/config", plane.url()))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"], "token_expired");
+
+    // Revoked: the gateway keeps serving what it has and reports why it cannot sync.
+    plane.admin("DELETE", "/gateways/gw1/tokens", None).await;
+    gw.wait_for_log(
+        "Cannot sync with the management plane; the current configuration keeps serving.",
+        1,
+    );
+    assert!(gw.logs().join("\n").contains("token_revoked"));
+    assert_eq!(status(&gw).await["status"], "ready");
+}
