@@ -141,6 +141,29 @@ async fn admin_changes_reach_gateways_by_long_poll_and_heartbeats_report_them() 
         .as_str()
         .is_some_and(|s| !s.is_empty()));
     assert!(gws[0]["heartbeat"]["last_error"].is_null());
+    // A second instance of the same gateway shows up as its own instance.
+    let second = Gateway::start(spec(gateway_manifest(&plane, &token_file, "", 30)));
+    assert_eq!(
+        client()
+            .get(second.url("/v2/echo"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let gws = plane
+        .wait_admin("/gateways", |g| {
+            g[0]["instances"].as_array().is_some_and(|i| i.len() == 2)
+        })
+        .await;
+    let ids: Vec<&str> = gws[0]["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["instance_id"].as_str().unwrap())
+        .collect();
+    assert_ne!(ids[0], ids[1]);
 
     // Bad admin input: 400 with the problems, and nothing written.
     let (s, v) = plane

@@ -83,7 +83,7 @@ impl Db {
             "CREATE TABLE IF NOT EXISTS resources (kind TEXT NOT NULL, id TEXT NOT NULL, body TEXT NOT NULL, PRIMARY KEY (kind, id));
              CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
              CREATE TABLE IF NOT EXISTS gateways (id TEXT PRIMARY KEY, body TEXT NOT NULL);
-             CREATE TABLE IF NOT EXISTS heartbeats (gateway TEXT PRIMARY KEY, at INTEGER NOT NULL, body TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS heartbeats (gateway TEXT NOT NULL, instance TEXT NOT NULL, at INTEGER NOT NULL, body TEXT NOT NULL, PRIMARY KEY (gateway, instance));
              CREATE TABLE IF NOT EXISTS tokens (hash TEXT PRIMARY KEY, gateway TEXT NOT NULL, expires INTEGER NOT NULL, revoked INTEGER NOT NULL DEFAULT 0);
              INSERT OR IGNORE INTO meta (key, value) VALUES ('version', 0);",
         )
@@ -236,29 +236,45 @@ impl Db {
     pub(crate) fn gateways(&self) -> Result<Vec<Value>, String> {
         let c = self.lock();
         let mut stmt = c
-            .prepare(
-                "SELECT g.id, g.body, h.at, h.body FROM gateways g LEFT JOIN heartbeats h ON h.gateway = g.id ORDER BY g.id",
-            )
+            .prepare("SELECT id, body FROM gateways ORDER BY id")
             .map_err(err)?;
-        let rows = stmt
-            .query_map([], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, Option<i64>>(2)?,
-                    r.get::<_, Option<String>>(3)?,
-                ))
-            })
+        let gateways: Vec<(String, String)> = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+            .map_err(err)?
+            .collect::<Result<_, _>>()
+            .map_err(err)?;
+        let mut beats = c
+            .prepare("SELECT instance, at, body FROM heartbeats WHERE gateway = ?1 ORDER BY at DESC, instance")
             .map_err(err)?;
         let mut out = Vec::new();
-        for row in rows {
-            let (id, body, at, hb) = row.map_err(err)?;
+        for (id, body) in gateways {
             let mut v: Value = serde_json::from_str(&body).unwrap_or(json!({}));
+            let instances: Vec<Value> = beats
+                .query_map(params![id], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, String>(2)?,
+                    ))
+                })
+                .map_err(err)?
+                .filter_map(Result::ok)
+                .map(|(instance, at, hb)| {
+                    json!({
+                        "instance_id": instance,
+                        "last_heartbeat_at": at,
+                        "heartbeat": serde_json::from_str::<Value>(&hb).unwrap_or(Value::Null),
+                    })
+                })
+                .collect();
             v["id"] = json!(id);
-            v["last_heartbeat_at"] = at.map_or(Value::Null, |a| json!(a));
-            v["heartbeat"] = hb
-                .and_then(|h| serde_json::from_str(&h).ok())
-                .unwrap_or(Value::Null);
+            v["last_heartbeat_at"] = instances
+                .first()
+                .map_or(Value::Null, |i| i["last_heartbeat_at"].clone());
+            v["heartbeat"] = instances
+                .first()
+                .map_or(Value::Null, |i| i["heartbeat"].clone());
+            v["instances"] = Value::Array(instances);
             out.push(v);
         }
         Ok(out)
@@ -313,9 +329,10 @@ impl Db {
     /// Records a heartbeat.
     pub(crate) fn heartbeat(&self, gateway: &str, body: &Value) -> Result<(), String> {
         let c = self.lock();
+        let instance = body["instance_id"].as_str().unwrap_or_default();
         c.execute(
-            "INSERT OR REPLACE INTO heartbeats (gateway, at, body) VALUES (?1, ?2, ?3)",
-            params![gateway, now_s() as i64, body.to_string()],
+            "INSERT OR REPLACE INTO heartbeats (gateway, instance, at, body) VALUES (?1, ?2, ?3, ?4)",
+            params![gateway, instance, now_s() as i64, body.to_string()],
         )
         .map(|_| ())
         .map_err(err)
