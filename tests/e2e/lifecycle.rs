@@ -330,3 +330,30 @@ fn the_quickstart_manifest_is_valid() {
     assert!(ok, "quickstart: {out}{err}");
     assert!(backup.is_dir(), "the fs store was created");
 }
+
+#[test]
+fn the_example_site_manifests_are_valid() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let sites = root.join("examples/sites");
+    let mut seen = Vec::new();
+    for entry in std::fs::read_dir(&sites).expect("examples/sites") {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            if let Err(report) = outpost_config::Manifest::load(&path) {
+                panic!("{}: {report}", path.display());
+            }
+            seen.push(path.file_name().unwrap().to_string_lossy().into_owned());
+        }
+    }
+    seen.sort();
+    assert_eq!(
+        seen,
+        [
+            "cluster-redis.toml",
+            "edge-sqlite.toml",
+            "standalone-fs.toml"
+        ]
+    );
+    let control = std::fs::read_to_string(root.join("examples/control/control.toml")).unwrap();
+    toml::from_str::<outpost_control::Settings>(&control).expect("a valid control manifest");
+}

@@ -424,7 +424,7 @@ pub struct PlaneSource {
     /// whose signature does not verify are rejected, from the plane and from backups alike.
     #[serde(default)]
     pub public_key: Option<String>,
-    /// Pause between polls when long-poll is off or after an answer. Default 10000 ms.
+    /// Pause between polls when long-poll is off (`long_poll_s = 0`). Default 10000 ms.
     #[serde(default = "default_poll_ms")]
     pub poll_interval_ms: u64,
     /// How long the plane may hold a poll open waiting for a change (0: no long-poll).

@@ -396,7 +396,7 @@ fn substitute(v: &mut Value, named: &Map<String, Value>) {
 }
 
 /// The configuration document: everything (admins, validation), or a gateway's share with
-/// named values resolved into the policy configurations.
+/// named values substituted for `{{id}}` in every string of it.
 fn document(tx: &Connection, gateway_id: Option<&str>) -> Result<Value, Refused> {
     let version = tx
         .query_row("SELECT value FROM meta WHERE key = 'version'", [], |r| {

@@ -186,6 +186,11 @@ async fn admin(plane: &Plane, req: Request<Incoming>, rest: &[String]) -> Resp {
                 Err(r) => refused(r),
             }
         }
+        (Method::PUT, ["gateways", id]) => error(
+            400,
+            "invalid_request",
+            format!("'{id}' is not a valid id (letters, digits, '-', '_', '.')"),
+        ),
         (Method::POST, ["gateways", id, "tokens"]) => match plane.db.gateway(id) {
             Ok(Some(_)) => match issue_token(plane, id) {
                 Ok((token, expires)) => json_resp(

@@ -110,6 +110,11 @@ impl Plane {
             .map_err(|e| Error::Settings(format!("{}: {e}", manifest.display())))?;
         let c = s.control;
         let base = manifest.parent().unwrap_or(Path::new("."));
+        if c.gateway_token_ttl_s < 2 {
+            return Err(Error::Settings(
+                "gateway_token_ttl_s must be at least 2".into(),
+            ));
+        }
         let token_path = resolve(base, &c.admin_token_file);
         let token = std::fs::read_to_string(&token_path)
             .map_err(|e| Error::State(format!("admin_token_file {}: {e}", token_path.display())))?;
@@ -125,11 +130,6 @@ impl Plane {
         let public_key_hex = hex(key.public_key().as_ref());
         let db = Db::open(&resolve(base, &c.database)).map_err(Error::State)?;
         let version = db.version().map_err(Error::State)?;
-        if c.gateway_token_ttl_s < 2 {
-            return Err(Error::Settings(
-                "gateway_token_ttl_s must be at least 2".into(),
-            ));
-        }
         Ok((
             Plane {
                 db,

@@ -274,7 +274,14 @@ pub async fn sync(
     let mut failures = 0u32;
     let mut rejected: Option<String> = None;
     loop {
-        let current = shared.snapshot.load().as_ref().map(|s| s.digest.clone());
+        // Serving a backup: ask for the plane's snapshot even when it is the same document, so
+        // the gateway reports the live source again.
+        let current = shared
+            .snapshot
+            .load()
+            .as_ref()
+            .filter(|s| s.origin.kind() == "live")
+            .map(|s| s.digest.clone());
         // After a rejected snapshot, wait for a newer one rather than fetching it again.
         let etag = rejected.clone().or(current);
         let wait = plane.source.long_poll_s;
@@ -285,6 +292,9 @@ pub async fn sync(
         let pause = match fetched {
             Ok(None) => {
                 failures = 0;
+                if rejected.is_none() {
+                    plane.set_error(None);
+                }
                 (wait == 0).then(|| Duration::from_millis(plane.source.poll_interval_ms))
             }
             Ok(Some(f)) => {
@@ -310,7 +320,7 @@ pub async fn sync(
             Err(e) => {
                 failures += 1;
                 let backoff =
-                    jitter(Duration::from_secs(1) * 2u32.saturating_pow(failures.min(6) - 1))
+                    jitter(Duration::from_secs(1) * 2u32.saturating_pow(failures.min(7) - 1))
                         .min(Duration::from_secs(60));
                 tracing::warn!(error = %e, retry_in = ?backoff, "Cannot sync with the management plane; the current configuration keeps serving.");
                 plane.set_error(Some(e));
@@ -361,16 +371,19 @@ pub async fn heartbeat(
             "uptime_s": started.elapsed().as_secs(),
             "requests": shared.requests.load(Ordering::Relaxed),
         });
-        match plane
-            .call(
-                Method::POST,
-                &plane.url("/gateway/v1/heartbeat"),
-                Some(body),
-                None,
-                Duration::from_secs(10),
-            )
-            .await
-        {
+        let url = plane.url("/gateway/v1/heartbeat");
+        let call = plane.call(
+            Method::POST,
+            &url,
+            Some(body),
+            None,
+            Duration::from_secs(10),
+        );
+        let sent = tokio::select! {
+            r = call => r,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        match sent {
             Ok((StatusCode::OK, b)) => {
                 let v: Value = serde_json::from_slice(&b).unwrap_or(Value::Null);
                 if let Some(expires) = v["token_expires_at"].as_u64() {
