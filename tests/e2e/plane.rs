@@ -304,7 +304,31 @@ async fn snapshots_that_do_not_verify_or_build_are_refused_and_the_gateway_keeps
 }
 
 #[tokio::test]
-async fn the_gateway_fails_static_restarts_from_its_backup_and_catches_up() {
+async fn the_gateway_fails_static_on_the_fs_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!("{{ dir = \"{}\" }}", dir.path().join("backup").display());
+    fails_static("fs", &config).await;
+}
+
+#[tokio::test]
+async fn the_gateway_fails_static_on_the_sqlite_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "{{ path = \"{}\" }}",
+        dir.path().join("backup.db").display()
+    );
+    fails_static("sqlite", &config).await;
+}
+
+#[tokio::test]
+async fn the_gateway_fails_static_on_the_redis_store() {
+    let redis = outpost_tests::RedisServer::start();
+    fails_static("redis", &format!("{{ url = \"{}\" }}", redis.url())).await;
+}
+
+/// The plane killed under load, the gateway restarted from `store` while it is down, the
+/// plane back with a change made meanwhile.
+async fn fails_static(store: &str, store_config: &str) {
     let backend = Backend::start().await;
     let mut plane = ControlPlane::start();
     let token = seed(&plane, &backend).await;
@@ -312,9 +336,8 @@ async fn the_gateway_fails_static_restarts_from_its_backup_and_catches_up() {
     let token_file = dir.path().join("gw.token");
     std::fs::write(&token_file, &token).unwrap();
     let backup = format!(
-        "[[plugins]]\nname = \"fs\"\npath = \"{}\"\n\n[backup]\nstore = \"fs\"\nconfig = {{ dir = \"{}\" }}\n",
-        outpost_tests::gateway::plugin_library("outpost_store_fs").display(),
-        dir.path().join("backup").display()
+        "[[plugins]]\nname = \"store\"\npath = \"{}\"\n\n[backup]\nstore = \"{store}\"\nconfig = {store_config}\n",
+        outpost_tests::gateway::plugin_library(&format!("outpost_store_{store}")).display(),
     );
     let manifest = gateway_manifest(&plane, &token_file, &backup, 30);
     let gw = Gateway::start(spec(manifest.clone()));
@@ -419,4 +442,52 @@ async fn tokens_revoked_expired_and_renewed() {
     );
     assert!(gw.logs().join("\n").contains("token_revoked"));
     assert_eq!(status(&gw).await["status"], "ready");
+}
+
+#[tokio::test]
+async fn the_plane_serves_tls_and_gateways_trust_its_ca() {
+    let backend = Backend::start().await;
+    let plane = ControlPlane::start_tls();
+    assert!(plane.url().starts_with("https://"));
+    let token = seed(&plane, &backend).await;
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("gw.token");
+    std::fs::write(&token_file, &token).unwrap();
+    let ca_file = dir.path().join("plane-ca.pem");
+    std::fs::write(&ca_file, plane.ca_pem.as_ref().unwrap()).unwrap();
+    let manifest = gateway_manifest(&plane, &token_file, "", 30).replace(
+        "start_wait_ms = 2000\n",
+        &format!(
+            "start_wait_ms = 2000\nca_file = \"{}\"\n",
+            ca_file.display()
+        ),
+    );
+    let gw = Gateway::start(spec(manifest.clone()));
+    assert_eq!(
+        client()
+            .get(gw.url("/svc/echo"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(status(&gw).await["configSource"], "live");
+
+    // Without the CA the plane's certificate is not trusted: nothing to start from.
+    let untrusted = manifest.replace(&format!("ca_file = \"{}\"\n", ca_file.display()), "");
+    let Err((_, logs)) = Gateway::try_start(spec(untrusted)) else {
+        panic!("trusted a certificate from an unknown CA");
+    };
+    assert!(
+        logs.join("\n").to_lowercase().contains("certificate"),
+        "{logs:?}"
+    );
+    // Plain HTTP to the TLS port gets no answer.
+    let plain = plane.url().replace("https://", "http://");
+    assert!(client()
+        .get(format!("{plain}/healthz"))
+        .send()
+        .await
+        .is_err());
 }

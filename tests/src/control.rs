@@ -22,6 +22,8 @@ pub struct ControlPlane {
     child: Option<Child>,
     logs: Arc<Mutex<Vec<String>>>,
     ttl_s: u64,
+    /// The CA the plane's TLS certificate comes from (PEM), when it serves HTTPS.
+    pub ca_pem: Option<String>,
 }
 
 impl ControlPlane {
@@ -41,6 +43,28 @@ impl ControlPlane {
             child: None,
             logs: Arc::default(),
             ttl_s,
+            ca_pem: None,
+        };
+        p.restart();
+        p
+    }
+
+    /// Starts a plane serving HTTPS with a certificate for 127.0.0.1 from a new CA.
+    pub fn start_tls() -> ControlPlane {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("admin.token"), ADMIN_TOKEN).expect("token");
+        let ca = crate::Ca::new("plane test CA");
+        let leaf = ca.server(&["127.0.0.1"]);
+        std::fs::write(dir.path().join("plane.crt"), &leaf.cert_pem).expect("cert");
+        std::fs::write(dir.path().join("plane.key"), &leaf.key_pem).expect("key");
+        let mut p = ControlPlane {
+            addr: "127.0.0.1:0".parse().expect("addr"),
+            public_key: String::new(),
+            dir,
+            child: None,
+            logs: Arc::default(),
+            ttl_s: 86_400,
+            ca_pem: Some(ca.cert_pem.clone()),
         };
         p.restart();
         p
@@ -51,9 +75,14 @@ impl ControlPlane {
         self.dir.path().to_owned()
     }
 
-    /// `http://127.0.0.1:PORT`.
+    /// `http://127.0.0.1:PORT` (`https://` when it serves TLS).
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.ca_pem.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// Kills the process (an outage).
@@ -71,8 +100,14 @@ impl ControlPlane {
         std::fs::write(
             &manifest,
             format!(
-                "[control]\nlisten = \"{}\"\ndatabase = \"state.db\"\nadmin_token_file = \"admin.token\"\nsigning_key_file = \"signing.key\"\ngateway_token_ttl_s = {}\nlong_poll_max_s = 30\n",
-                self.addr, self.ttl_s
+                "[control]\nlisten = \"{}\"\ndatabase = \"state.db\"\nadmin_token_file = \"admin.token\"\nsigning_key_file = \"signing.key\"\ngateway_token_ttl_s = {}\nlong_poll_max_s = 30\n{}",
+                self.addr,
+                self.ttl_s,
+                if self.ca_pem.is_some() {
+                    "\n[control.tls]\ncert_file = \"plane.crt\"\nkey_file = \"plane.key\"\n"
+                } else {
+                    ""
+                }
             ),
         )
         .expect("manifest");
@@ -116,10 +151,13 @@ impl ControlPlane {
 
     /// An admin call: method, path under `/admin/v1`, optional JSON body → status and JSON.
     pub async fn admin(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-        let client = reqwest::Client::builder()
-            .no_proxy()
-            .build()
-            .expect("client");
+        crate::init_crypto();
+        let mut builder = reqwest::Client::builder().no_proxy();
+        if let Some(ca) = &self.ca_pem {
+            builder = builder
+                .add_root_certificate(reqwest::Certificate::from_pem(ca.as_bytes()).expect("CA"));
+        }
+        let client = builder.build().expect("client");
         let url = format!("{}/admin/v1{path}", self.url());
         let mut req = client
             .request(method.parse().expect("method"), url)

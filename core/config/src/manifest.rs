@@ -438,6 +438,10 @@ pub struct PlaneSource {
     /// Default 10000 ms.
     #[serde(default = "default_start_wait_ms")]
     pub start_wait_ms: u64,
+    /// Trust this CA (PEM file, relative to the manifest) for an `https://` plane instead of
+    /// the system's roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
 }
 
 fn default_poll_ms() -> u64 {
@@ -942,6 +946,9 @@ fn resolve_paths(base: &Path, listeners: &mut [Listener], config: &mut ConfigSou
         ConfigSource::Plane(p) => {
             if let Some(t) = &mut p.token_file {
                 fix(t);
+            }
+            if let Some(c) = &mut p.ca_file {
+                fix(c);
             }
         }
     }

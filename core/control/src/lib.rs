@@ -45,6 +45,38 @@ pub struct ControlSettings {
     /// Longest long-poll a gateway may ask for. Default 30 s.
     #[serde(default = "default_long_poll")]
     pub long_poll_max_s: u64,
+    /// Serve HTTPS (`[control.tls]`); plain HTTP when absent.
+    #[serde(default)]
+    pub tls: Option<TlsSettings>,
+}
+
+/// `[control.tls]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSettings {
+    /// Certificate chain, PEM (relative to the manifest).
+    pub cert_file: PathBuf,
+    /// Private key, PEM (relative to the manifest).
+    pub key_file: PathBuf,
+}
+
+fn tls_acceptor(base: &Path, t: &TlsSettings) -> Result<tokio_rustls::TlsAcceptor, Error> {
+    let read = |p: &Path| {
+        let p = resolve(base, p);
+        std::fs::read(&p).map_err(|e| Error::Settings(format!("tls {}: {e}", p.display())))
+    };
+    let certs = outpost_gateway::tls::certs_from_pem(&read(&t.cert_file)?, "control.tls.cert_file")
+        .map_err(|e| Error::Settings(e.to_string()))?;
+    let key = outpost_gateway::tls::key_from_pem(&read(&t.key_file)?, "control.tls.key_file")
+        .map_err(|e| Error::Settings(e.to_string()))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(outpost_gateway::tls::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::Settings(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| Error::Settings(format!("control.tls: {e}")))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config)))
 }
 
 fn default_ttl() -> u64 {
@@ -190,6 +222,12 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), Error> {
     let (plane, settings) = Plane::open(manifest)?;
+    let base = manifest.parent().unwrap_or(Path::new("."));
+    let tls = settings
+        .tls
+        .as_ref()
+        .map(|t| tls_acceptor(base, t))
+        .transpose()?;
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
         .map_err(|e| Error::Bind(settings.listen, e))?;
@@ -198,6 +236,7 @@ pub async fn run(
         .map_err(|e| Error::Bind(settings.listen, e))?;
     tracing::info!(
         address = %local,
+        tls = tls.is_some(),
         public_key = %plane.public_key_hex,
         version = *plane.version.borrow(),
         "Listening."
@@ -209,15 +248,24 @@ pub async fn run(
             accepted = listener.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
                 let plane = plane.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
-                    let io = hyper_util::rt::TokioIo::new(stream);
                     let service = hyper::service::service_fn(move |req| {
                         let plane = plane.clone();
                         async move { Ok::<_, std::convert::Infallible>(http_api::handle(plane, req).await) }
                     });
-                    let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
-                        .serve_connection(io, service)
-                        .await;
+                    let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+                    match tls {
+                        Some(acceptor) => {
+                            let handshake = tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(stream)).await;
+                            if let Ok(Ok(s)) = handshake {
+                                let _ = builder.serve_connection(hyper_util::rt::TokioIo::new(s), service).await;
+                            }
+                        }
+                        None => {
+                            let _ = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service).await;
+                        }
+                    }
                 });
             }
             _ = &mut shutdown => {

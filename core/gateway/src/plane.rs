@@ -93,8 +93,17 @@ impl PlaneClient {
                 .to_owned(),
             (None, None) => return Err("config: token or token_file is required".into()),
         };
+        let client = match &source.ca_file {
+            Some(f) => {
+                let pem = std::fs::read_to_string(f)
+                    .map_err(|e| format!("config.ca_file {}: {e}", f.display()))?;
+                clients.client_with_ca(pem)
+            }
+            None => clients.plain_client(),
+        }
+        .map_err(|e| e.to_string())?;
         Ok(PlaneClient {
-            client: clients.plain_client().map_err(|e| e.to_string())?,
+            client,
             source: source.clone(),
             token: ArcSwap::from_pointee(token),
             key: public_key(manifest),

@@ -134,6 +134,15 @@ impl ClientCache {
         self.build_client(&BackendTls::default(), false)
     }
 
+    /// A client trusting only this CA (PEM), HTTP/1.1.
+    pub fn client_with_ca(&self, ca_pem: String) -> Result<UpstreamClient, TlsError> {
+        let tls = BackendTls {
+            ca_pem: Some(ca_pem),
+            ..BackendTls::default()
+        };
+        self.build_client(&tls, false)
+    }
+
     fn build_client(&self, tls: &BackendTls, http2: bool) -> Result<UpstreamClient, TlsError> {
         let roots = match &tls.ca_pem {
             Some(pem) => tls::roots_from_pem(pem.as_bytes(), "backend tls.ca_pem")?,
