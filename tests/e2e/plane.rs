@@ -263,8 +263,15 @@ async fn snapshots_that_do_not_verify_or_build_are_refused_and_the_gateway_keeps
     );
 
     // Running: a snapshot the gateway cannot build (a policy no plugin provides) is refused;
-    // the previous configuration keeps serving, and the heartbeat carries the error.
-    let gw = Gateway::start(spec(gateway_manifest(&plane, &token_file, "", 30)));
+    // the previous configuration keeps serving, the heartbeat carries the error, and the
+    // metrics count it.
+    let lines = dir.path().join("metrics.jsonl");
+    let sink = format!(
+        "[[plugins]]\nname = \"access\"\npath = \"{}\"\n\n[telemetry]\nmetrics_interval_ms = 100\n\n[[telemetry.sinks]]\nname = \"m\"\nprovider = \"access-log\"\nconfig = {{ path = \"{}\", metrics = true }}\n",
+        outpost_tests::gateway::plugin_library("outpost_sink_access_log").display(),
+        lines.display()
+    );
+    let gw = Gateway::start(spec(gateway_manifest(&plane, &token_file, &sink, 30)));
     let (s, v) = plane
         .admin(
             "PUT",
@@ -301,6 +308,23 @@ async fn snapshots_that_do_not_verify_or_build_are_refused_and_the_gateway_keeps
         .as_str()
         .unwrap()
         .contains("rejected snapshot"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(&lines).unwrap_or_default();
+        let counted = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .any(|l| {
+                l["metric"] == "outpost_config_rejected_total"
+                    && l["labels"]["source"] == "plane"
+                    && l["value"] == 1.0
+            });
+        if counted {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no rejection metric: {text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test]

@@ -254,8 +254,39 @@ pub mod gateway {
             *TELEMETRY_DROPPED,
             *TELEMETRY_EXPORT_ERRORS,
             *CACHE_ERRORS,
+            *CONFIG_REJECTED,
+            *CONFIG_SYNC_ERRORS,
+            *CONFIG_FROM_BACKUP,
         );
     }
+
+    /// Configurations refused (invalid, not building, not verifying), by source.
+    pub static CONFIG_REJECTED: LazyLock<Counter> = LazyLock::new(|| {
+        Counter::define(
+            "outpost_config_rejected_total",
+            "Configurations refused (invalid, not building, or not verifying); the previous one kept serving.",
+            &["source"],
+        )
+    });
+    /// Failed exchanges with the management plane.
+    pub static CONFIG_SYNC_ERRORS: LazyLock<Counter> = LazyLock::new(|| {
+        Counter::define(
+            "outpost_config_sync_errors_total",
+            "Failed attempts to fetch the configuration from the management plane.",
+            &[],
+        )
+    });
+    /// 1 while the configuration served came from the backup store.
+    pub static CONFIG_FROM_BACKUP: LazyLock<u32> = LazyLock::new(|| {
+        super::global()
+            .define(
+                "outpost_config_from_backup",
+                "1 while the configuration being served came from the backup store, else 0.",
+                outpost_plugin_api::metric::GAUGE,
+                &[],
+            )
+            .expect("valid")
+    });
 
     /// Policy panics, by plugin entry and policy.
     pub static PLUGIN_PANICS: LazyLock<Counter> = LazyLock::new(|| {

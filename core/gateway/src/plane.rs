@@ -320,6 +320,7 @@ pub async fn sync(
                     Ok(Err(report)) => {
                         tracing::error!(report = %report, "Rejected the configuration from the plane; the previous one keeps serving.");
                         rejected = Some(digest);
+                        crate::metrics::gateway::CONFIG_REJECTED.inc(&["plane"]);
                         plane.set_error(Some(format!("rejected snapshot: {report}")));
                     }
                     Err(e) => tracing::error!(error = %e, "Building the configuration failed."),
@@ -333,6 +334,7 @@ pub async fn sync(
                         .min(Duration::from_secs(60));
                 tracing::warn!(error = %e, retry_in = ?backoff, "Cannot sync with the management plane; the current configuration keeps serving.");
                 plane.set_error(Some(e));
+                crate::metrics::gateway::CONFIG_SYNC_ERRORS.inc(&[]);
                 Some(backoff)
             }
         };

@@ -88,6 +88,16 @@ impl Shared {
 
     /// Serves `snapshot` from now on, and tells the followers.
     pub fn apply(&self, snapshot: Arc<Snapshot>) {
+        let from_backup = if snapshot.origin.kind() == "backup" {
+            1.0
+        } else {
+            0.0
+        };
+        crate::metrics::global().set(
+            *crate::metrics::gateway::CONFIG_FROM_BACKUP,
+            &[],
+            from_backup,
+        );
         self.snapshot.store(Some(snapshot.clone()));
         self.applied.send_replace(Some(snapshot));
     }

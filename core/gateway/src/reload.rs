@@ -126,6 +126,7 @@ pub async fn watch_file(
             }
             Ok(Outcome::Invalid(digest, report)) => {
                 last_digest = digest;
+                crate::metrics::gateway::CONFIG_REJECTED.inc(&["file"]);
                 tracing::error!(path = %path.display(), problems = report.issues.len(), report = %report, "Rejected the changed configuration; the previous one keeps serving.");
             }
             Ok(Outcome::Loaded(s)) => {
