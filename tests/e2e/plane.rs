@@ -216,6 +216,70 @@ fn v_version(s: &str) -> Value {
 }
 
 #[tokio::test]
+async fn snapshots_signed_with_another_key_are_refused_while_running() {
+    let backend = Backend::start().await;
+    let mut plane = ControlPlane::start();
+    let token = seed(&plane, &backend).await;
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("gw.token");
+    std::fs::write(&token_file, &token).unwrap();
+    let gw = Gateway::start(spec(gateway_manifest(&plane, &token_file, "", 30)));
+    assert_eq!(
+        client()
+            .get(gw.url("/svc/echo"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+
+    // The plane comes back with a different signing key (its key file lost): its snapshots no
+    // longer verify against the key this gateway trusts.
+    plane.stop();
+    std::fs::remove_file(plane.dir().join("signing.key")).unwrap();
+    plane.restart();
+    let (s, _) = plane
+        .admin(
+            "PUT",
+            "/apis/svc",
+            Some(json!({
+                "path": "/other", "backend": "b", "subscription_required": false,
+                "operations": [{ "id": "any", "method": "*", "url_template": "/*" }]
+            })),
+        )
+        .await;
+    assert_eq!(s, 200);
+    let gws = plane
+        .wait_admin("/gateways", |g| {
+            g[0]["heartbeat"]["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("signature does not verify"))
+        })
+        .await;
+    assert_eq!(gws[0]["heartbeat"]["config_source"], "live");
+    assert_eq!(
+        client()
+            .get(gw.url("/svc/echo"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200,
+        "the old configuration serves"
+    );
+    assert_eq!(
+        client()
+            .get(gw.url("/other/echo"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+}
+
+#[tokio::test]
 async fn without_long_poll_a_change_arrives_within_one_poll() {
     let backend = Backend::start().await;
     let plane = ControlPlane::start();
@@ -330,8 +394,9 @@ async fn snapshots_that_do_not_verify_or_build_are_refused_and_the_gateway_keeps
 #[tokio::test]
 async fn the_gateway_fails_static_on_the_fs_store() {
     let dir = tempfile::tempdir().unwrap();
-    let config = format!("{{ dir = \"{}\" }}", dir.path().join("backup").display());
-    fails_static("fs", &config).await;
+    let backup_dir = dir.path().join("backup");
+    let config = format!("{{ dir = \"{}\" }}", backup_dir.display());
+    fails_static("fs", &config, Some(backup_dir.join("gw1"))).await;
 }
 
 #[tokio::test]
@@ -341,18 +406,20 @@ async fn the_gateway_fails_static_on_the_sqlite_store() {
         "{{ path = \"{}\" }}",
         dir.path().join("backup.db").display()
     );
-    fails_static("sqlite", &config).await;
+    fails_static("sqlite", &config, None).await;
 }
 
 #[tokio::test]
 async fn the_gateway_fails_static_on_the_redis_store() {
     let redis = outpost_tests::RedisServer::start();
-    fails_static("redis", &format!("{{ url = \"{}\" }}", redis.url())).await;
+    fails_static("redis", &format!("{{ url = \"{}\" }}", redis.url()), None).await;
 }
 
 /// The plane killed under load, the gateway restarted from `store` while it is down, the
-/// plane back with a change made meanwhile.
-async fn fails_static(store: &str, store_config: &str) {
+/// plane back with a change made meanwhile. With `forge_in` (an fs store's scope directory), a
+/// newer generation whose content was changed without the plane's key is planted first: the
+/// gateway must refuse it and start from the genuine one.
+async fn fails_static(store: &str, store_config: &str, forge_in: Option<std::path::PathBuf>) {
     let backend = Backend::start().await;
     let mut plane = ControlPlane::start();
     let token = seed(&plane, &backend).await;
@@ -395,9 +462,52 @@ async fn fails_static(store: &str, store_config: &str) {
 
     // Restarted while the plane is down: it serves from its backup.
     drop(gw);
+    if let Some(scope) = &forge_in {
+        let mut files: Vec<_> = std::fs::read_dir(scope)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        files.sort();
+        let newest = files.last().unwrap();
+        let mut envelope: Value = serde_json::from_slice(&std::fs::read(newest).unwrap()).unwrap();
+        let forged = envelope["config"]
+            .as_str()
+            .unwrap()
+            .replace("/svc", "/evil");
+        envelope["digest"] = json!(outpost_tests::certs::sha256_hex(forged.as_bytes()));
+        envelope["config"] = json!(forged);
+        let generation: u64 = newest
+            .file_stem()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        std::fs::write(
+            scope.join(format!("{:020}.snapshot", generation + 1)),
+            envelope.to_string(),
+        )
+        .unwrap();
+    }
     let gw = Gateway::start(spec(manifest.clone()));
     gw.wait_for_log("Serving the configuration from the backup store.", 1);
     assert_eq!(status(&gw).await["configSource"], "backup");
+    if forge_in.is_some() {
+        let damaged = gw.wait_for_log("Backup generation is damaged; trying an older one.", 1);
+        assert!(
+            damaged[0]["error"].as_str().unwrap().contains("signature"),
+            "{damaged:?}"
+        );
+        assert_eq!(
+            client()
+                .get(gw.url("/evil/echo"))
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            404
+        );
+    }
     assert_eq!(
         client()
             .get(gw.url("/svc/echo"))

@@ -265,7 +265,12 @@ impl Gateway {
                 s
             }
             Err(report) => match &backup {
-                None => return Err(StartError::Config(report)),
+                None => {
+                    return Err(StartError::NoConfig {
+                        source: report,
+                        backup: "none is configured; add a [backup] store to the manifest so that this gateway can start from the last configuration it applied".into(),
+                    })
+                }
                 Some(b) => from_backup(b, report, &clients, &plugins).await?,
             },
         };
