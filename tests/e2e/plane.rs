@@ -321,8 +321,10 @@ async fn snapshots_that_do_not_verify_or_build_are_refused_and_the_gateway_keeps
         panic!("started with a snapshot whose signature does not verify");
     };
     assert!(status.is_some_and(|s| !s.success()));
+    let text = logs.join("\n");
+    assert!(text.contains("signature does not verify"), "{logs:?}");
     assert!(
-        logs.join("\n").contains("signature does not verify"),
+        text.contains("No backup to start from: none is configured; add a [backup] store"),
         "{logs:?}"
     );
 
