@@ -90,7 +90,7 @@ async fn until_status(gw: &Gateway, path: &str, code: u16) -> Duration {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn admin_changes_reach_gateways_by_long_poll_and_heartbeats_report_them() {
     let backend = Backend::start().await;
     let plane = ControlPlane::start();
@@ -117,6 +117,30 @@ async fn admin_changes_reach_gateways_by_long_poll_and_heartbeats_report_them() 
     assert_eq!(s, 200);
     let took = until_status(&gw, "/v2/echo", 200).await;
     assert!(took < Duration::from_secs(5), "long-poll took {took:?}");
+    // The plane really holds an unchanged poll open until the wait ends, then answers 304.
+    let (_, v) = plane.admin("GET", "/version", None).await;
+    assert!(v["version"].as_u64().is_some());
+    let r = client()
+        .get(format!("{}/gateway/v1/config", plane.url()))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    let etag = r.headers()["etag"].to_str().unwrap().to_owned();
+    let asked = Instant::now();
+    let r = client()
+        .get(format!("{}/gateway/v1/config?wait=2", plane.url()))
+        .bearer_auth(&token)
+        .header("if-none-match", &etag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 304);
+    assert!(
+        asked.elapsed() >= Duration::from_millis(1900),
+        "answered after {:?}",
+        asked.elapsed()
+    );
     assert_eq!(
         client()
             .get(gw.url("/svc/echo"))
@@ -179,6 +203,29 @@ async fn admin_changes_reach_gateways_by_long_poll_and_heartbeats_report_them() 
     assert_eq!(after["version"], v_version(&version));
     let (s, _) = plane.admin("GET", "/apis/bad", None).await;
     assert_eq!(s, 404);
+    // A change valid as a whole but invalid in a gateway's share once named values are
+    // substituted is refused too, naming the gateway.
+    let (s, _) = plane
+        .admin(
+            "PUT",
+            "/named-values/short",
+            Some(json!({ "value": "x y" })),
+        )
+        .await;
+    assert_eq!(s, 200);
+    let (s, v) = plane
+        .admin(
+            "PUT",
+            "/subscriptions/templated",
+            Some(json!({
+                "scope": { "type": "all" }, "primary_key": "{{short}}-suffix"
+            })),
+        )
+        .await;
+    assert_eq!(s, 400, "{v}");
+    assert!(v["problems"].to_string().contains("gateway 'gw1'"), "{v}");
+    let (s, _) = plane.admin("GET", "/subscriptions/templated", None).await;
+    assert_eq!(s, 404, "nothing written");
     // Secrets are never listed in clear; keys are generated.
     plane
         .admin(
@@ -215,7 +262,7 @@ fn v_version(s: &str) -> Value {
     json!(s.parse::<u64>().unwrap())
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn snapshots_signed_with_another_key_are_refused_while_running() {
     let backend = Backend::start().await;
     let mut plane = ControlPlane::start();
@@ -279,7 +326,7 @@ async fn snapshots_signed_with_another_key_are_refused_while_running() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn without_long_poll_a_change_arrives_within_one_poll() {
     let backend = Backend::start().await;
     let plane = ControlPlane::start();
@@ -287,7 +334,13 @@ async fn without_long_poll_a_change_arrives_within_one_poll() {
     let dir = tempfile::tempdir().unwrap();
     let token_file = dir.path().join("gw.token");
     std::fs::write(&token_file, &token).unwrap();
-    let gw = Gateway::start(spec(gateway_manifest(&plane, &token_file, "", 0)));
+    // On a single-threaded runtime, as with one CPU.
+    let gw = Gateway::start(spec(gateway_manifest(
+        &plane,
+        &token_file,
+        "[runtime]\nworker_threads = 1\n",
+        0,
+    )));
     assert_eq!(
         client()
             .get(gw.url("/svc/echo"))
@@ -301,10 +354,14 @@ async fn without_long_poll_a_change_arrives_within_one_poll() {
         .admin("PUT", "/gateways/gw1", Some(json!({ "apis": [] })))
         .await;
     assert_eq!(s, 200);
-    until_status(&gw, "/svc/echo", 404).await;
+    let took = until_status(&gw, "/svc/echo", 404).await;
+    assert!(
+        took < Duration::from_secs(2),
+        "one poll is 200 ms; took {took:?}"
+    );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn snapshots_that_do_not_verify_or_build_are_refused_and_the_gateway_keeps_serving() {
     let backend = Backend::start().await;
     let plane = ControlPlane::start();
@@ -393,7 +450,7 @@ async fn snapshots_that_do_not_verify_or_build_are_refused_and_the_gateway_keeps
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn the_gateway_fails_static_on_the_fs_store() {
     let dir = tempfile::tempdir().unwrap();
     let backup_dir = dir.path().join("backup");
@@ -401,7 +458,7 @@ async fn the_gateway_fails_static_on_the_fs_store() {
     fails_static("fs", &config, Some(backup_dir.join("gw1"))).await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn the_gateway_fails_static_on_the_sqlite_store() {
     let dir = tempfile::tempdir().unwrap();
     let config = format!(
@@ -411,7 +468,7 @@ async fn the_gateway_fails_static_on_the_sqlite_store() {
     fails_static("sqlite", &config, None).await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn the_gateway_fails_static_on_the_redis_store() {
     let redis = outpost_tests::RedisServer::start();
     fails_static("redis", &format!("{{ url = \"{}\" }}", redis.url()), None).await;
@@ -537,10 +594,10 @@ async fn fails_static(store: &str, store_config: &str, forge_in: Option<std::pat
     assert_eq!(status(&gw).await["configSource"], "live");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn tokens_revoked_expired_and_renewed() {
     let backend = Backend::start().await;
-    let plane = ControlPlane::start_with_ttl(3);
+    let plane = ControlPlane::start_with_ttl(8);
     let token = seed(&plane, &backend).await;
     let dir = tempfile::tempdir().unwrap();
     let token_file = dir.path().join("gw.token");
@@ -552,7 +609,7 @@ async fn tokens_revoked_expired_and_renewed() {
     gw.wait_for_log("Gateway token renewed.", 1);
     let renewed = std::fs::read_to_string(&token_file).unwrap();
     assert_ne!(renewed.trim(), token);
-    tokio::time::sleep(Duration::from_millis(3500)).await;
+    tokio::time::sleep(Duration::from_millis(8500)).await;
     let (s, _) = plane
         .admin("PUT", "/gateways/gw1", Some(json!({ "apis": [] })))
         .await;
@@ -572,15 +629,25 @@ async fn tokens_revoked_expired_and_renewed() {
 
     // Revoked: the gateway keeps serving what it has and reports why it cannot sync.
     plane.admin("DELETE", "/gateways/gw1/tokens", None).await;
-    gw.wait_for_log(
-        "Cannot sync with the management plane; the current configuration keeps serving.",
-        1,
-    );
-    assert!(gw.logs().join("\n").contains("token_revoked"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !gw.json_logs().iter().any(|l| {
+        l["message"]
+            == "Cannot sync with the management plane; the current configuration keeps serving."
+            && l["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("token_revoked"))
+    }) {
+        assert!(
+            Instant::now() < deadline,
+            "no token_revoked sync error:\n{}",
+            gw.logs().join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert_eq!(status(&gw).await["status"], "ready");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn the_plane_serves_tls_and_gateways_trust_its_ca() {
     let backend = Backend::start().await;
     let plane = ControlPlane::start_tls();

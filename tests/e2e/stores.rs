@@ -244,6 +244,11 @@ fn the_fs_store_passes_the_conformance_suite() {
     assert_eq!(err.kind, ErrorKind::UNAVAILABLE, "{}", err.message);
     std::fs::remove_file(&scope_dir).unwrap();
     assert!(a.save("gw-c".into(), 1, b"x".as_slice().into()).is_ok());
+    // Snapshots hold secrets: private directory and files.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&scope_dir), 0o700);
+    assert_eq!(mode(&scope_dir.join(format!("{:020}.snapshot", 1))), 0o600);
     newest_valid_wins("fs", &section, &plugins, &manifest);
 }
 
@@ -316,7 +321,7 @@ fn the_redis_store_passes_the_conformance_suite_and_survives_an_outage() {
     newest_valid_wins("redis", &section, &plugins, &manifest);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn a_gateway_backs_up_what_it_applies_and_starts_from_the_newest_valid_backup() {
     let backend = Backend::start().await;
     let store = tempfile::tempdir().unwrap();
@@ -393,6 +398,15 @@ async fn a_gateway_backs_up_what_it_applies_and_starts_from_the_newest_valid_bac
         .unwrap();
     assert_eq!(status["configSource"], "file");
     assert_eq!(files().len(), 3);
+    // generations = 3: one more configuration, still three, the oldest gone.
+    let oldest = files()[0].clone();
+    gw.write_api(&api("v4"));
+    gw.wait_for_log("Configuration backed up.", 2);
+    assert_eq!(files().len(), 3);
+    assert!(
+        !files().contains(&oldest),
+        "the oldest generation was pruned"
+    );
     drop(gw);
 
     // The newest generation damaged on disk: skipped, reported, the previous one served.
@@ -432,7 +446,7 @@ async fn a_gateway_backs_up_what_it_applies_and_starts_from_the_newest_valid_bac
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn the_gateway_keeps_serving_and_retries_a_backup_while_redis_is_down() {
     let backend = Backend::start().await;
     let mut redis = RedisServer::start();

@@ -116,7 +116,7 @@ impl ControlPlane {
             .arg(&manifest)
             .env_remove("RUST_LOG")
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+            .stderr(Stdio::null())
             .spawn()
             .expect("outpost control runs");
         let stdout = child.stdout.take().expect("stdout");

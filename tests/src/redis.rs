@@ -88,8 +88,17 @@ impl RedisServer {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
+            // Ours, and answering: the process is alive and a PING gets a Redis answer.
+            let alive = self
+                .child
+                .as_mut()
+                .is_some_and(|c| c.try_wait().ok().flatten().is_none());
+            assert!(alive, "redis-server exited (port {} taken?)", self.port);
             if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return;
+                let pong = self.command(&["PING"]);
+                if pong.starts_with("+PONG") || pong.starts_with("-NOAUTH") {
+                    return;
+                }
             }
             assert!(
                 Instant::now() < deadline,

@@ -74,6 +74,15 @@ pub(crate) enum TokenCheck {
 impl Db {
     /// Opens (creating) the database in WAL mode.
     pub(crate) fn open(path: &Path) -> Result<Db, String> {
+        // It holds secrets (named values, subscription keys): private from its creation.
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            let _ = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path);
+        }
         let c = Connection::open(path).map_err(|e| format!("database {}: {e}", path.display()))?;
         c.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
         c.pragma_update(None, "synchronous", "FULL").map_err(err)?;
@@ -181,6 +190,7 @@ impl Db {
                     .collect(),
             });
         }
+        check_shares(&tx)?;
         let version = bump(&tx)?;
         tx.commit().map_err(err)?;
         Ok(version)
@@ -221,6 +231,7 @@ impl Db {
             params![id, body.to_string()],
         )
         .map_err(err)?;
+        check_shares(&tx)?;
         let version = bump(&tx)?;
         tx.commit().map_err(err)?;
         Ok(version)
@@ -284,6 +295,11 @@ impl Db {
     pub(crate) fn add_token(&self, hash: &str, gateway: &str, expires: u64) -> Result<(), String> {
         let c = self.lock();
         c.execute(
+            "DELETE FROM tokens WHERE expires < ?1",
+            params![now_s() as i64 - 86_400],
+        )
+        .map_err(err)?;
+        c.execute(
             "INSERT INTO tokens (hash, gateway, expires) VALUES (?1, ?2, ?3)",
             params![hash, gateway, expires as i64],
         )
@@ -330,12 +346,48 @@ impl Db {
     pub(crate) fn heartbeat(&self, gateway: &str, body: &Value) -> Result<(), String> {
         let c = self.lock();
         let instance = body["instance_id"].as_str().unwrap_or_default();
+        // Instances silent for a week are gone (every restart is a new instance).
+        c.execute(
+            "DELETE FROM heartbeats WHERE gateway = ?1 AND at < ?2",
+            params![gateway, now_s() as i64 - 7 * 86_400],
+        )
+        .map_err(err)?;
         c.execute(
             "INSERT OR REPLACE INTO heartbeats (gateway, instance, at, body) VALUES (?1, ?2, ?3, ?4)",
             params![gateway, instance, now_s() as i64, body.to_string()],
         )
         .map(|_| ())
         .map_err(err)
+    }
+}
+
+/// Every gateway's share, as it would be sent (named values substituted), must be a valid
+/// configuration too: otherwise the change is refused naming the gateway.
+fn check_shares(tx: &Transaction<'_>) -> Result<(), Refused> {
+    let ids: Vec<String> = {
+        let mut stmt = tx
+            .prepare("SELECT id FROM gateways ORDER BY id")
+            .map_err(err)?;
+        let rows = stmt.query_map([], |r| r.get::<_, String>(0)).map_err(err)?;
+        rows.collect::<Result<_, _>>().map_err(err)?
+    };
+    let mut problems = Vec::new();
+    for id in ids {
+        let share = document(tx, Some(&id))?;
+        if let Err(report) = outpost_config::ApiConfig::parse(&share.to_string(), "snapshot") {
+            for i in &report.issues {
+                problems.push(format!("gateway '{id}': {}: {}", i.path, i.message));
+            }
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(Refused {
+            status: 400,
+            code: "invalid_configuration",
+            problems,
+        })
     }
 }
 

@@ -18,6 +18,9 @@ type Resp = Response<Full<Bytes>>;
 /// The largest request body the plane reads.
 const MAX_BODY: usize = 8 * 1024 * 1024;
 
+/// The largest heartbeat body the plane keeps.
+const MAX_HEARTBEAT: usize = 64 * 1024;
+
 fn json_resp(status: u16, v: &Value) -> Resp {
     let mut r = Response::new(Full::new(Bytes::from(v.to_string())));
     *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
@@ -344,6 +347,13 @@ async fn gateway(plane: &Plane, req: Request<Incoming>, what: &str) -> Resp {
                 Ok(b) => b,
                 Err(r) => return r,
             };
+            if body.to_string().len() > MAX_HEARTBEAT {
+                return error(
+                    413,
+                    "too_large",
+                    format!("a heartbeat is at most {MAX_HEARTBEAT} bytes"),
+                );
+            }
             match plane.db.heartbeat(&gw, &body) {
                 Ok(()) => json_resp(200, &json!({ "gateway": gw, "token_expires_at": expires })),
                 Err(e) => error(500, "state_error", e),
@@ -386,7 +396,12 @@ async fn config(plane: &Plane, req: &Request<Incoming>, gw: &str) -> Resp {
         let text = doc.to_string();
         let d = hex(&digest(text.as_bytes()));
         if known.as_deref() != Some(d.as_str()) {
-            let signature = hex(plane.key.sign(text.as_bytes()).as_ref());
+            // Signed for this gateway only: "<gateway id>\n<document>".
+            let mut signed = Vec::with_capacity(gw.len() + 1 + text.len());
+            signed.extend_from_slice(gw.as_bytes());
+            signed.push(b'\n');
+            signed.extend_from_slice(text.as_bytes());
+            let signature = hex(plane.key.sign(&signed).as_ref());
             let mut r = json_resp(
                 200,
                 &json!({ "version": doc["version"], "digest": d, "config": text, "signature": signature }),

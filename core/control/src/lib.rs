@@ -246,7 +246,15 @@ pub async fn run(
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else { continue };
+                let stream = match accepted {
+                    Ok((s, _)) => s,
+                    Err(e) => {
+                        // Out of descriptors, most likely: pause instead of spinning.
+                        tracing::warn!(error = %e, "Accepting a connection failed.");
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
                 let plane = plane.clone();
                 let tls = tls.clone();
                 tokio::spawn(async move {

@@ -258,12 +258,9 @@ impl Backup {
             )));
         }
         if let Some(key) = &self.verify_key {
-            crate::plane::verify_signature(
-                key,
-                envelope.config.as_bytes(),
-                envelope.signature.as_deref(),
-            )
-            .map_err(Damage::Corrupt)?;
+            let signed = crate::plane::signed_text(&self.gateway, envelope.config.as_bytes());
+            crate::plane::verify_signature(key, &signed, envelope.signature.as_deref())
+                .map_err(Damage::Corrupt)?;
         }
         Ok(envelope)
     }

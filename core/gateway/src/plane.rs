@@ -33,6 +33,16 @@ pub fn public_key(manifest: &Manifest) -> Option<Vec<u8>> {
         .collect()
 }
 
+/// What the plane signs for a gateway: its id, a newline, and the document. A snapshot signed
+/// for one gateway does not verify for another.
+pub fn signed_text(gateway: &str, config: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(gateway.len() + 1 + config.len());
+    out.extend_from_slice(gateway.as_bytes());
+    out.push(b'\n');
+    out.extend_from_slice(config);
+    out
+}
+
 /// Checks an Ed25519 signature (hex) of `data`.
 pub fn verify_signature(key: &[u8], data: &[u8], signature: Option<&str>) -> Result<(), String> {
     let Some(sig) = signature.filter(|s| !s.is_empty()) else {
@@ -64,6 +74,7 @@ pub struct SyncState {
 pub struct PlaneClient {
     client: UpstreamClient,
     source: PlaneSource,
+    gateway: String,
     token: ArcSwap<String>,
     key: Option<Vec<u8>>,
     /// Sync status.
@@ -104,6 +115,7 @@ impl PlaneClient {
         .map_err(|e| e.to_string())?;
         Ok(PlaneClient {
             client,
+            gateway: manifest.gateway.id.clone(),
             source: source.clone(),
             token: ArcSwap::from_pointee(token),
             key: public_key(manifest),
@@ -193,7 +205,8 @@ impl PlaneClient {
                 }
                 let signature = v["signature"].as_str().map(String::from);
                 if let Some(key) = &self.key {
-                    verify_signature(key, config.as_bytes(), signature.as_deref())?;
+                    let signed = signed_text(&self.gateway, config.as_bytes());
+                    verify_signature(key, &signed, signature.as_deref())?;
                 }
                 Ok(Some(Fetched { config, signature }))
             }
@@ -216,17 +229,22 @@ impl PlaneClient {
         clients: &ClientCache,
         plugins: &PluginHost,
     ) -> Result<Snapshot, Report> {
-        let origin = format!("plane {}", self.source.url);
-        let config = ApiConfig::parse(&f.config, &origin)?;
-        let mut s = Snapshot::build(
-            config,
-            f.config.as_bytes(),
-            ConfigOrigin::Plane(origin),
-            clients,
-            plugins,
-        )?;
-        s.signature = f.signature.clone();
-        Ok(s)
+        build_fetched(&self.source.url, &self.gateway, f, clients, plugins)
+    }
+
+    /// After the plane refused the token: take a new one from `token_file` when it changed
+    /// (an operator replaced it), so the gateway recovers without a restart.
+    fn reread_token(&self) {
+        let Some(f) = &self.source.token_file else {
+            return;
+        };
+        if let Ok(t) = std::fs::read_to_string(f) {
+            let t = t.trim();
+            if !t.is_empty() && **self.token.load() != t {
+                tracing::info!(path = %f.display(), "Using the new token from the token file.");
+                self.token.store(Arc::new(t.to_owned()));
+            }
+        }
     }
 
     fn set_error(&self, e: Option<String>) {
@@ -236,6 +254,26 @@ impl PlaneClient {
             .lock()
             .unwrap_or_else(|p| p.into_inner()) = e;
     }
+}
+
+fn build_fetched(
+    url: &str,
+    _gateway: &str,
+    f: &Fetched,
+    clients: &ClientCache,
+    plugins: &PluginHost,
+) -> Result<Snapshot, Report> {
+    let origin = format!("plane {url}");
+    let config = ApiConfig::parse(&f.config, &origin)?;
+    let mut s = Snapshot::build(
+        config,
+        f.config.as_bytes(),
+        ConfigOrigin::Plane(origin),
+        clients,
+        plugins,
+    )?;
+    s.signature = f.signature.clone();
+    Ok(s)
 }
 
 /// At start: the plane's snapshot, trying until `start_wait_ms` has passed.
@@ -249,10 +287,17 @@ pub async fn initial(
     loop {
         let last = match plane.fetch(None, 0).await {
             Ok(Some(f)) => {
-                match tokio::task::block_in_place(|| plane.build(&f, clients, plugins)) {
-                    Ok(s) => return Ok(s),
-                    Err(r) => return Err(r),
-                }
+                let (url, c, p) = (plane.source.url.clone(), clients.clone(), plugins.clone());
+                let gateway = plane.gateway.clone();
+                return tokio::task::spawn_blocking(move || {
+                    build_fetched(&url, &gateway, &f, &c, &p)
+                })
+                .await
+                .unwrap_or_else(|e| {
+                    let mut r = Report::new("plane");
+                    r.push("", format!("building the configuration failed: {e}"));
+                    Err(r)
+                });
             }
             Ok(None) => "the plane answered 304 to an unconditional request".to_string(),
             Err(e) => e,
@@ -323,12 +368,20 @@ pub async fn sync(
                         crate::metrics::gateway::CONFIG_REJECTED.inc(&["plane"]);
                         plane.set_error(Some(format!("rejected snapshot: {report}")));
                     }
-                    Err(e) => tracing::error!(error = %e, "Building the configuration failed."),
+                    Err(e) => {
+                        tracing::error!(error = %e, "Building the configuration failed.");
+                        rejected = Some(digest);
+                        crate::metrics::gateway::CONFIG_REJECTED.inc(&["plane"]);
+                        plane.set_error(Some(format!("building the configuration failed: {e}")));
+                    }
                 }
                 (wait == 0).then(|| Duration::from_millis(plane.source.poll_interval_ms))
             }
             Err(e) => {
                 failures += 1;
+                if e.contains(" 401 ") {
+                    plane.reread_token();
+                }
                 let backoff =
                     jitter(Duration::from_secs(1) * 2u32.saturating_pow(failures.min(7) - 1))
                         .min(Duration::from_secs(60));
@@ -421,6 +474,31 @@ pub async fn heartbeat(
     }
 }
 
+/// Replaces the token file atomically: a private temporary file (mode 0600, unique name),
+/// synced, renamed over the old one.
+fn write_token(path: &std::path::Path, token: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension(format!(
+        "renewing-{}-{:08x}",
+        std::process::id(),
+        fastrand::u32(..)
+    ));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    let done = f
+        .write_all(format!("{token}\n").as_bytes())
+        .and_then(|_| f.sync_all())
+        .and_then(|_| std::fs::rename(&tmp, path));
+    if done.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    done
+}
+
 async fn renew(plane: &PlaneClient) -> Result<(), String> {
     let (status, body) = plane
         .call(
@@ -439,11 +517,11 @@ async fn renew(plane: &PlaneClient) -> Result<(), String> {
         .as_str()
         .ok_or("no token in the answer")?
         .to_owned();
-    if let Some(f) = &plane.source.token_file {
-        let tmp = f.with_extension("renewing");
+    if let Some(f) = plane.source.token_file.clone() {
+        let t = token.clone();
         let written =
-            std::fs::write(&tmp, format!("{token}\n")).and_then(|_| std::fs::rename(&tmp, f));
-        if let Err(e) = written {
+            tokio::task::spawn_blocking(move || write_token(&f, &t).map_err(|e| (f, e))).await;
+        if let Ok(Err((f, e))) = written {
             tracing::warn!(path = %f.display(), error = %e, "The renewed token could not be written back; a restart will need a fresh one.");
         }
     }

@@ -14,10 +14,12 @@
 //! Several gateways can share the directory (each its own scope); two writers of the same
 //! scope write distinct generation numbers, or the later rename wins whole.
 //!
-//! `fsync = false` skips the syncs (tests, tmpfs); the default is `true`.
+//! `fsync = false` skips the syncs (tests, tmpfs); the default is `true`. Directories are
+//! created with mode 0700 and files with 0600: snapshots hold secrets.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind as IoKind, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::UNIX_EPOCH;
 
@@ -64,6 +66,14 @@ fn scope_dir(root: &Path, scope: &str) -> Result<PathBuf, Error> {
             format!("scope '{scope}' is not usable as a directory name (letters, digits, '.', '_', '-')"),
         ))
     }
+}
+
+/// Creates a directory (and its parents) readable by the owner only: snapshots hold secrets.
+fn private_dir(dir: &Path) -> std::io::Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
 }
 
 fn file_name(generation: u64) -> String {
@@ -117,8 +127,7 @@ impl Store for FsStore {
         if c.dir.as_os_str().is_empty() {
             return Err("dir must name a directory".into());
         }
-        fs::create_dir_all(&c.dir)
-            .map_err(|e| format!("cannot create {}: {e}", c.dir.display()))?;
+        private_dir(&c.dir).map_err(|e| format!("cannot create {}: {e}", c.dir.display()))?;
         // Writable? Find out now rather than at the first save.
         let probe = c.dir.join(format!(".outpost-probe-{}", std::process::id()));
         File::create(&probe)
@@ -132,7 +141,7 @@ impl Store for FsStore {
 
     fn save(&self, scope: &str, generation: u64, data: &[u8]) -> Result<(), Error> {
         let dir = scope_dir(&self.dir, scope)?;
-        fs::create_dir_all(&dir).map_err(|e| io("cannot create", &dir, e))?;
+        private_dir(&dir).map_err(|e| io("cannot create", &dir, e))?;
         let target = dir.join(file_name(generation));
         let tmp = dir.join(format!(
             ".tmp-{generation}-{}-{:?}",
@@ -144,6 +153,7 @@ impl Store for FsStore {
                 .write(true)
                 .create(true)
                 .truncate(true)
+                .mode(0o600)
                 .open(&tmp)?;
             f.write_all(data)?;
             if self.fsync {

@@ -136,7 +136,7 @@ impl Store for RedisStore {
             .url
             .as_str()
             .into_connection_info()
-            .map_err(|e| format!("url '{}': {e}", c.url))?;
+            .map_err(|e| format!("url: {e}"))?;
         if let Some(u) = c.username {
             info.redis.username = Some(u);
         }
@@ -175,7 +175,7 @@ impl Store for RedisStore {
         } else {
             Client::open(info)
         }
-        .map_err(|e| format!("url '{}': {e}", c.url))?;
+        .map_err(|e| format!("url: {e}"))?;
         // No connection yet: a gateway whose Redis is down at start still starts (and reports
         // the failed saves); the first call connects.
         Ok(RedisStore {

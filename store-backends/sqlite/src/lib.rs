@@ -71,6 +71,15 @@ impl Store for SqliteStore {
     type Config = Config;
 
     fn new(c: Config) -> Result<Self, String> {
+        {
+            // Private from its creation: snapshots hold secrets.
+            use std::os::unix::fs::OpenOptionsExt;
+            let _ = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&c.path);
+        }
         let open = || -> rusqlite::Result<Connection> {
             let db = Connection::open_with_flags(
                 &c.path,
