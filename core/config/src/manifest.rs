@@ -552,51 +552,31 @@ impl Manifest {
         }
 
         let mut plugins = Vec::new();
-        match table.get("plugins") {
-            None => {}
-            Some(toml::Value::Array(items)) => {
-                let mut names = HashSet::new();
-                for (i, item) in items.iter().enumerate() {
-                    let prefix = format!("plugins[{i}]");
-                    let Some(p) =
-                        deserialize_into::<PluginEntry, _>(item.clone(), &prefix, &mut report)
-                    else {
-                        continue;
-                    };
-                    if p.name.trim().is_empty() {
-                        report.push(join_path(&prefix, "name"), "must not be empty");
-                    } else if !names.insert(p.name.clone()) {
-                        report.push(
-                            join_path(&prefix, "name"),
-                            format!("duplicate plugin name '{}'", p.name),
-                        );
-                    }
-                    match (&p.path, &p.library) {
-                        (Some(_), Some(_)) => {
-                            report.push(prefix.clone(), "give either `path` or `library`, not both")
-                        }
-                        (None, None) => {
-                            report.push(prefix.clone(), "`path` or `library` is required")
-                        }
-                        (None, Some(l)) if l.is_empty() || l.contains('/') => report
-                            .push(join_path(&prefix, "library"), "must be a bare library name"),
-                        _ => {}
-                    }
-                    if let Some(h) = &p.sha256 {
-                        if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
-                            report.push(join_path(&prefix, "sha256"), "must be 64 hex digits");
-                        }
-                    }
-                    if p.disable_after_panics == Some(0) {
-                        report.push(
-                            join_path(&prefix, "disable_after_panics"),
-                            "must be positive (leave it out to never disable)",
-                        );
-                    }
-                    plugins.push(p);
+        for (prefix, p) in
+            named_entries::<PluginEntry>(&table, "plugins", "plugin", &mut report, |p| &p.name)
+        {
+            match (&p.path, &p.library) {
+                (Some(_), Some(_)) => {
+                    report.push(prefix.clone(), "give either `path` or `library`, not both")
+                }
+                (None, None) => report.push(prefix.clone(), "`path` or `library` is required"),
+                (None, Some(l)) if l.is_empty() || l.contains('/') => {
+                    report.push(join_path(&prefix, "library"), "must be a bare library name")
+                }
+                _ => {}
+            }
+            if let Some(h) = &p.sha256 {
+                if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    report.push(join_path(&prefix, "sha256"), "must be 64 hex digits");
                 }
             }
-            Some(_) => report.push("plugins", "must be an array of tables ([[plugins]])"),
+            if p.disable_after_panics == Some(0) {
+                report.push(
+                    join_path(&prefix, "disable_after_panics"),
+                    "must be positive (leave it out to never disable)",
+                );
+            }
+            plugins.push(p);
         }
 
         let backup = match table.get("backup") {
@@ -619,32 +599,13 @@ impl Manifest {
             }
         };
         let mut caches = Vec::new();
-        match table.get("caches") {
-            None => {}
-            Some(toml::Value::Array(items)) => {
-                let mut names = HashSet::new();
-                for (i, item) in items.iter().enumerate() {
-                    let prefix = format!("caches[{i}]");
-                    let Some(c) =
-                        deserialize_into::<CacheEntry, _>(item.clone(), &prefix, &mut report)
-                    else {
-                        continue;
-                    };
-                    if c.name.trim().is_empty() {
-                        report.push(join_path(&prefix, "name"), "must not be empty");
-                    } else if !names.insert(c.name.clone()) {
-                        report.push(
-                            join_path(&prefix, "name"),
-                            format!("duplicate cache name '{}'", c.name),
-                        );
-                    }
-                    if c.timeout_ms == 0 {
-                        report.push(join_path(&prefix, "timeout_ms"), "must be positive");
-                    }
-                    caches.push(c);
-                }
+        for (prefix, c) in
+            named_entries::<CacheEntry>(&table, "caches", "cache", &mut report, |c| &c.name)
+        {
+            if c.timeout_ms == 0 {
+                report.push(join_path(&prefix, "timeout_ms"), "must be positive");
             }
-            Some(_) => report.push("caches", "must be an array of tables ([[caches]])"),
+            caches.push(c);
         }
         if let Some(t) = &telemetry {
             if t.queue_capacity == 0 {
@@ -770,6 +731,42 @@ impl Manifest {
             config,
         })
     }
+}
+
+/// `[[key]]` entries, each deserialized (problems reported under `key[i]`) and its name checked:
+/// not empty, unique. Answers each entry with its report path.
+fn named_entries<T: for<'de> Deserialize<'de>>(
+    table: &toml::Table,
+    key: &str,
+    noun: &str,
+    report: &mut Report,
+    name: fn(&T) -> &str,
+) -> Vec<(String, T)> {
+    let mut out = Vec::new();
+    match table.get(key) {
+        None => {}
+        Some(toml::Value::Array(items)) => {
+            let mut names = HashSet::new();
+            for (i, item) in items.iter().enumerate() {
+                let prefix = format!("{key}[{i}]");
+                let Some(e) = deserialize_into::<T, _>(item.clone(), &prefix, report) else {
+                    continue;
+                };
+                let n = name(&e);
+                if n.trim().is_empty() {
+                    report.push(join_path(&prefix, "name"), "must not be empty");
+                } else if !names.insert(n.to_owned()) {
+                    report.push(
+                        join_path(&prefix, "name"),
+                        format!("duplicate {noun} name '{n}'"),
+                    );
+                }
+                out.push((prefix, e));
+            }
+        }
+        Some(_) => report.push(key, format!("must be an array of tables ([[{key}]])")),
+    }
+    out
 }
 
 fn section<T: for<'de> Deserialize<'de> + Default>(
