@@ -10,6 +10,16 @@ use serde_json::{json, Value};
 
 use crate::client;
 
+/// Puts the open API `svc` (any method, any path) at `path`, through the admin API.
+async fn move_api(plane: &ControlPlane, path: &str) {
+    let api = json!({
+        "path": path, "backend": "b", "subscription_required": false,
+        "operations": [{ "id": "any", "method": "*", "url_template": "/*" }]
+    });
+    let (s, v) = plane.admin("PUT", "/apis/svc", Some(api)).await;
+    assert_eq!(s, 200, "{v}");
+}
+
 /// Backend, an open API at `/svc`, and gateway `gw1` serving it; answers a token.
 async fn seed(plane: &ControlPlane, backend: &Backend) -> String {
     let (s, v) = plane
@@ -20,17 +30,7 @@ async fn seed(plane: &ControlPlane, backend: &Backend) -> String {
         )
         .await;
     assert_eq!(s, 200, "{v}");
-    let (s, v) = plane
-        .admin(
-            "PUT",
-            "/apis/svc",
-            Some(json!({
-                "path": "/svc", "backend": "b", "subscription_required": false,
-                "operations": [{ "id": "any", "method": "*", "url_template": "/*" }]
-            })),
-        )
-        .await;
-    assert_eq!(s, 200, "{v}");
+    move_api(plane, "/svc").await;
     let (s, v) = plane
         .admin("PUT", "/gateways/gw1", Some(json!({ "apis": ["svc"] })))
         .await;
@@ -104,17 +104,7 @@ async fn admin_changes_reach_gateways_by_long_poll_and_heartbeats_report_them() 
     assert_eq!(status(&gw).await["configSource"], "live");
 
     // A change waits in no queue: the long-poll answers it at once.
-    let (s, _) = plane
-        .admin(
-            "PUT",
-            "/apis/svc",
-            Some(json!({
-                "path": "/v2", "backend": "b", "subscription_required": false,
-                "operations": [{ "id": "any", "method": "*", "url_template": "/*" }]
-            })),
-        )
-        .await;
-    assert_eq!(s, 200);
+    move_api(&plane, "/v2").await;
     let took = until_status(&gw, "/v2/echo", 200).await;
     assert!(took < Duration::from_secs(5), "long-poll took {took:?}");
     // The plane really holds an unchanged poll open until the wait ends, then answers 304.
@@ -286,17 +276,7 @@ async fn snapshots_signed_with_another_key_are_refused_while_running() {
     plane.stop();
     std::fs::remove_file(plane.dir().join("signing.key")).unwrap();
     plane.restart();
-    let (s, _) = plane
-        .admin(
-            "PUT",
-            "/apis/svc",
-            Some(json!({
-                "path": "/other", "backend": "b", "subscription_required": false,
-                "operations": [{ "id": "any", "method": "*", "url_template": "/*" }]
-            })),
-        )
-        .await;
-    assert_eq!(s, 200);
+    move_api(&plane, "/other").await;
     let gws = plane
         .wait_admin("/gateways", |g| {
             g[0]["heartbeat"]["last_error"]
@@ -579,17 +559,7 @@ async fn fails_static(store: &str, store_config: &str, forge_in: Option<std::pat
 
     // The plane comes back with a change made meanwhile: the gateway catches up.
     plane.restart();
-    let (s, _) = plane
-        .admin(
-            "PUT",
-            "/apis/svc",
-            Some(json!({
-                "path": "/back", "backend": "b", "subscription_required": false,
-                "operations": [{ "id": "any", "method": "*", "url_template": "/*" }]
-            })),
-        )
-        .await;
-    assert_eq!(s, 200);
+    move_api(&plane, "/back").await;
     until_status(&gw, "/back/echo", 200).await;
     assert_eq!(status(&gw).await["configSource"], "live");
 }

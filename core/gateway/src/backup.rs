@@ -283,9 +283,7 @@ async fn save_loop(backup: Arc<Backup>, mut latest: watch::Receiver<Option<Arc<S
     let mut saved_digest = String::new();
     loop {
         let snapshot = latest.borrow_and_update().clone();
-        if let Some(s) =
-            snapshot.filter(|s| s.digest != saved_digest && s.origin.kind() != "backup")
-        {
+        if let Some(s) = snapshot.filter(|s| s.digest != saved_digest && !s.origin.is_backup()) {
             let mut delay = Duration::from_secs(1);
             loop {
                 let b = backup.clone();

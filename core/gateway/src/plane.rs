@@ -334,7 +334,7 @@ pub async fn sync(
             .snapshot
             .load()
             .as_ref()
-            .filter(|s| s.origin.kind() == "live")
+            .filter(|s| matches!(s.origin, ConfigOrigin::Plane(_)))
             .map(|s| s.digest.clone());
         // After a rejected snapshot, wait for a newer one rather than fetching it again.
         let etag = rejected.clone().or(current);

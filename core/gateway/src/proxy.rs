@@ -88,7 +88,7 @@ impl Shared {
 
     /// Serves `snapshot` from now on, and tells the followers.
     pub fn apply(&self, snapshot: Arc<Snapshot>) {
-        let from_backup = if snapshot.origin.kind() == "backup" {
+        let from_backup = if snapshot.origin.is_backup() {
             1.0
         } else {
             0.0

@@ -80,7 +80,7 @@ pub async fn watch_file(
         .snapshot
         .load()
         .as_ref()
-        .filter(|s| s.origin.kind() == "file")
+        .filter(|s| matches!(s.origin, crate::snapshot::ConfigOrigin::File(_)))
         .map(|s| s.digest.clone())
         .unwrap_or_default();
     let period =

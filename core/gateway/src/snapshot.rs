@@ -31,6 +31,12 @@ pub enum ConfigOrigin {
 }
 
 impl ConfigOrigin {
+    /// Whether this configuration was restored from the backup store (rather than received
+    /// from its source).
+    pub fn is_backup(&self) -> bool {
+        matches!(self, Self::Backup { .. })
+    }
+
     /// Short name for health answers and logs.
     pub fn kind(&self) -> &'static str {
         match self {
