@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-cargo build --release --locked -p outpost -p outpost-policy-basic -p outpost-cache-memory -p outpost-sink-access-log \
+cargo build --release --locked -p outpost -p outpost-policy-transform -p outpost-cache-memory -p outpost-sink-access-log \
     -p outpost-store-fs -p outpost-store-sqlite -p outpost-store-redis
 
 bin=target/release/outpost
@@ -16,7 +16,7 @@ bin=target/release/outpost
 
 plugin_dir=$(mktemp -d)
 trap 'rm -rf "$plugin_dir"' EXIT
-cp target/release/liboutpost_policy_basic.so target/release/liboutpost_cache_memory.so \
+cp target/release/liboutpost_policy_transform.so target/release/liboutpost_cache_memory.so \
     target/release/liboutpost_sink_access_log.so target/release/liboutpost_store_fs.so \
     target/release/liboutpost_store_sqlite.so target/release/liboutpost_store_redis.so "$plugin_dir/"
 cat >"$plugin_dir/check.toml" <<EOF
@@ -29,7 +29,7 @@ address = "127.0.0.1:0"
 
 [[plugins]]
 name = "basic"
-library = "outpost_policy_basic"
+library = "outpost_policy_transform"
 
 [[plugins]]
 name = "memory"

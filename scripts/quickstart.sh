@@ -4,5 +4,5 @@
 # configuration backups go to target/quickstart-backup. No external services.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release --locked -p outpost -p outpost-policy-basic -p outpost-store-fs
+cargo build --release --locked -p outpost -p outpost-policy-transform -p outpost-store-fs
 exec target/release/outpost run --manifest examples/quickstart/outpost.toml "$@"

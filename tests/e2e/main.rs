@@ -1,14 +1,19 @@
 //! End-to-end tests: the real `outpost` binary, real sockets on port 0, real TLS.
 
+mod access;
+mod caching;
 mod host_work;
 mod lifecycle;
 mod limits;
 mod plane;
 mod plugins;
+mod policy_limits;
 mod protocols;
+mod replicas;
 mod routing;
 mod stores;
 mod tls;
+mod transform;
 
 use serde_json::{json, Value};
 

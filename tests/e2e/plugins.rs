@@ -9,8 +9,9 @@ use crate::{assert_error, client};
 
 fn plugins_manifest() -> String {
     format!(
-        "{LISTENER_HTTP}\n[[plugins]]\nname = \"basic\"\npath = \"{}\"\n",
-        plugin_library("outpost_policy_basic").display()
+        "{LISTENER_HTTP}\n[[plugins]]\nname = \"basic\"\npath = \"{}\"\n\n[[plugins]]\nname = \"access\"\npath = \"{}\"\n",
+        plugin_library("outpost_policy_transform").display(),
+        plugin_library("outpost_policy_access").display()
     )
 }
 
@@ -182,7 +183,7 @@ async fn unknown_policies_and_bad_policy_config_are_rejected_before_serving() {
 #[tokio::test]
 async fn loader_errors_name_the_entry_the_file_and_the_reason() {
     let dir = tempfile::tempdir().unwrap();
-    let basic = plugin_library("outpost_policy_basic");
+    let basic = plugin_library("outpost_policy_transform");
     std::fs::write(dir.path().join("not-a-library.so"), b"hello").unwrap();
     // A real shared library that is not an Outpost plugin.
     let libm = [
@@ -250,18 +251,18 @@ sha256 = "{zeros}"
     // `outpost plugins` lists what a good manifest loads; here the library is named and found
     // in the plugin directory.
     let good = format!(
-        "[runtime]\nplugin_dir = \"{}\"\n\n[[listeners]]\nname = \"http\"\naddress = \"127.0.0.1:0\"\n\n[[plugins]]\nname = \"basic\"\nlibrary = \"outpost_policy_basic\"\n\n[config]\ntype = \"file\"\npath = \"api.json\"\n",
+        "[runtime]\nplugin_dir = \"{}\"\n\n[[listeners]]\nname = \"http\"\naddress = \"127.0.0.1:0\"\n\n[[plugins]]\nname = \"basic\"\nlibrary = \"outpost_policy_transform\"\n\n[config]\ntype = \"file\"\npath = \"api.json\"\n",
         basic.parent().unwrap().display()
     );
     std::fs::write(&m, good).unwrap();
     let (ok, out, err) = run_cli(&["plugins", "--manifest", m.to_str().unwrap()]);
     assert!(ok, "{err}");
     assert!(
-        out.contains("basic: policy-basic 0.1.0 (api level 2, kinds: policy)"),
+        out.contains("basic: policy-transform 0.1.0 (api level 2, kinds: policy)"),
         "{out}"
     );
     assert!(
-        out.contains("set-header, check-header, return-response"),
+        out.contains("set-header, return-response"),
         "{out}"
     );
 }
@@ -287,7 +288,7 @@ async fn a_policy_error_response_uses_the_json_error_shape() {
 fn containment_spec(backend: &str, disable: &str) -> GatewaySpec {
     let manifest = format!(
         "{LISTENER_HTTP}\n[[plugins]]\nname = \"basic\"\npath = \"{}\"\n\n[[plugins]]\nname = \"fixtures\"\npath = \"{}\"\n{disable}\n",
-        plugin_library("outpost_policy_basic").display(),
+        plugin_library("outpost_policy_transform").display(),
         plugin_library("outpost_fixture_policies").display(),
     );
     let api = json!({
@@ -481,7 +482,7 @@ async fn a_plugin_built_against_api_1_0_keeps_loading() {
         manifest: format!(
             "{LISTENER_HTTP}\n[[plugins]]\nname = \"old\"\npath = \"{}\"\n\n[[plugins]]\nname = \"basic\"\npath = \"{}\"\n",
             old.display(),
-            plugin_library("outpost_policy_basic").display()
+            plugin_library("outpost_policy_transform").display()
         ),
         api: json!({
             "backends": [{ "id": "b", "urls": [backend.url(false)] }],

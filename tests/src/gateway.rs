@@ -291,7 +291,7 @@ pub fn run_cli_env(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String
 }
 
 /// A plugin library built by the workspace build (`cargo build --workspace`), next to the
-/// binary: `plugin_library("outpost_policy_basic")`.
+/// binary: `plugin_library("outpost_policy_transform")`.
 pub fn plugin_library(crate_name: &str) -> PathBuf {
     let bin = binary();
     let dir = bin.parent().expect("target dir");

@@ -156,6 +156,10 @@ pub mod phase {
     pub const OUTBOUND: u8 = 3;
     /// On-error section.
     pub const ON_ERROR: u8 = 4;
+    /// The request has ended (answered, failed, or the client went away): the last call of a
+    /// step that asked for it with the `outpost.notify-end` property. No host work can be
+    /// asked for; the head is empty.
+    pub const END: u8 = 5;
 }
 
 /// A request or response head, implemented by the host over its own memory. Reading returns
@@ -217,6 +221,9 @@ impl HostStatus {
     pub const TIMEOUT: HostStatus = HostStatus(4);
     /// The body was larger than the limit asked for.
     pub const TOO_LARGE: HostStatus = HostStatus(5);
+    /// The cache asked for is not configured (no `[[caches]]` entry of that name, or none at
+    /// all for the default cache). Host 0.1 with API 1.1.0 answered [`HostStatus::ERROR`].
+    pub const NOT_CONFIGURED: HostStatus = HostStatus(6);
 }
 
 /// The answer to a piece of host work, borrowed from the host.

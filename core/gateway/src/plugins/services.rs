@@ -337,7 +337,7 @@ impl Services {
     {
         let Some(c) = self.cache(name) else {
             return Done::failed(
-                HostStatus::ERROR,
+                HostStatus::NOT_CONFIGURED,
                 if name.is_empty() {
                     "no cache is configured ([[caches]] in the manifest)".to_string()
                 } else {

@@ -1,0 +1,1 @@
+//! A cache on Redis.

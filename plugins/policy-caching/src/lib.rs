@@ -1,0 +1,1 @@
+//! Response and value caching policies.

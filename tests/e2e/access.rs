@@ -1,0 +1,1 @@
+//! Access policies (`plugins/policy-access`) against the real gateway.

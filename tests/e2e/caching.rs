@@ -1,0 +1,1 @@
+//! Caching policies (`plugins/policy-caching`) on the memory and Redis caches.

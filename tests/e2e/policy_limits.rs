@@ -1,0 +1,1 @@
+//! Limit policies (`plugins/policy-limits`) against the real gateway.

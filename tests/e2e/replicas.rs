@@ -1,0 +1,1 @@
+//! Several gateway replicas sharing one real redis-server: limits and response caching.

@@ -1,0 +1,1 @@
+//! Transformation and routing policies (`plugins/policy-transform`) against the real gateway.
