@@ -5,6 +5,8 @@
 //! Routes (by path suffix, so any API prefix or base path works):
 //! * `…/echo…`           JSON: method, uri, version, headers, body length
 //! * `…/status/{code}`   an empty answer with that status
+//! * `…/flaky/{n}`       503 for this backend's first `n` flaky requests, then the echo answer
+//!                       (JSON with `attempt` and the body received)
 //! * `…/slow/{ms}`       waits, then answers `slow`
 //! * `…/bytes/{n}`       streams `n` bytes in 64 KiB chunks
 //! * `…/upload`          counts the body (visible live through [`Backend::received`])
@@ -50,6 +52,7 @@ struct State {
     connections: AtomicUsize,
     requests: AtomicUsize,
     received: AtomicU64,
+    flaky: AtomicUsize,
     gate: Notify,
 }
 
@@ -84,6 +87,7 @@ impl Backend {
             connections: AtomicUsize::new(0),
             requests: AtomicUsize::new(0),
             received: AtomicU64::new(0),
+            flaky: AtomicUsize::new(0),
             gate: Notify::new(),
         });
         let acceptor = opts.tls.map(|leaf| {
@@ -143,6 +147,11 @@ impl Backend {
     /// TCP connections accepted so far.
     pub fn connections(&self) -> usize {
         self.state.connections.load(Ordering::SeqCst)
+    }
+
+    /// Requests to `…/flaky/{n}` so far.
+    pub fn flaky_attempts(&self) -> usize {
+        self.state.flaky.load(Ordering::SeqCst)
     }
 
     /// Requests started so far.
@@ -226,6 +235,17 @@ async fn route(mut req: Request<Incoming>, state: Arc<State>, client_cert: bool)
         return json(serde_json::json!({
             "method": method, "uri": uri, "version": version, "headers": headers,
             "body_len": body.len(), "body": text,
+        }));
+    }
+    if let Some(n) = last("/flaky/") {
+        let attempt = state.flaky.fetch_add(1, Ordering::SeqCst) + 1;
+        let body = req.into_body().collect().await.map(|b| b.to_bytes());
+        if attempt <= n.parse().unwrap_or(0) {
+            return status(StatusCode::SERVICE_UNAVAILABLE);
+        }
+        return json(serde_json::json!({
+            "attempt": attempt,
+            "body": String::from_utf8_lossy(&body.unwrap_or_default()),
         }));
     }
     if let Some(code) = last("/status/") {

@@ -42,6 +42,15 @@ impl From<Incoming> for Source {
 }
 
 impl Source {
+    /// The whole body, when it can be sent again: known in full, or empty.
+    pub fn replayable(&self) -> Option<Bytes> {
+        match self {
+            Source::Full { data } => Some(data.clone().unwrap_or_default()),
+            Source::Stream { inner } if Body::is_end_stream(inner) => Some(Bytes::new()),
+            _ => None,
+        }
+    }
+
     /// A complete body.
     pub fn full(data: Bytes) -> Self {
         Source::Full {

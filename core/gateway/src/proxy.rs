@@ -27,13 +27,14 @@ use crate::headers;
 use crate::health;
 use crate::listener::Drain;
 use crate::plugins::{
-    Done, Hook, HostContext, LocalResponse, Msg, Pipeline, PolicyInstance, Services, StepResult,
-    Work,
+    Done, EndHooks, Hook, HostContext, LocalResponse, Msg, Pipeline, PolicyInstance, Services,
+    StepResult, Work,
 };
 use crate::router::match_operation;
-use crate::snapshot::Snapshot;
+use crate::snapshot::{ApiRoute, Snapshot};
 use crate::telemetry::{Record, Telemetry};
 use crate::tls::ClientCertificate;
+use crate::upstream::{BackendRoute, Target};
 use outpost_plugin_api::{phase, HostStatus};
 
 /// State shared by every connection of the process.
@@ -199,6 +200,13 @@ pub async fn handle(
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
         *resp.version_mut() = version;
     }
+    for (name, value) in ids.response_headers.drain(..) {
+        resp.headers_mut().append(name, value);
+    }
+    if !ids.end.steps.is_empty() {
+        ids.end.status = resp.status().as_u16();
+        ids.end.bytes = http_body::Body::size_hint(resp.body()).exact();
+    }
     resp.headers_mut()
         .insert(&headers::X_REQUEST_ID, request_id.clone());
     if let (Some(t), Some(mut r)) = (shared.telemetry.as_ref(), record) {
@@ -276,6 +284,10 @@ struct RouteIds {
     api: Option<Arc<str>>,
     operation: Option<Arc<str>>,
     subscription: Option<Arc<str>>,
+    /// Headers policies asked to add to the client's response (`outpost.response-header.*`).
+    response_headers: Vec<(HeaderName, HeaderValue)>,
+    /// Steps to call when the request has ended (`outpost.notify-end`).
+    end: EndHooks,
 }
 
 async fn serve(
@@ -332,8 +344,25 @@ async fn serve(
             path: path.to_owned(),
         });
     };
+    // The part of the path after the API's prefix (a suffix of the path).
+    let rest_start = path.len() - rest.len();
     let api = &snapshot.apis[api_idx];
     ids.api = Some(api.id.clone());
+    // A CORS preflight runs the global and API inbound policies first, without operation or
+    // subscription key (browsers send neither); a policy that answers it ends the request.
+    if let Some(pre) = api.preflight.as_deref() {
+        if is_preflight(&req) {
+            let (mut parts, body) = req.into_parts();
+            if let Some(resp) =
+                preflight(shared, conn, pre, api, &mut parts, request_id, ids).await?
+            {
+                return Ok(resp);
+            }
+            req = Request::from_parts(parts, body);
+        }
+    }
+    let path = req.uri().path();
+    let rest = &path[rest_start..];
     let op_path = if rest.is_empty() { "/" } else { rest };
     let Some(op) = match_operation(&api.operations, req.method(), op_path) else {
         return Err(ProxyError::OperationNotFound {
@@ -385,8 +414,6 @@ async fn serve(
     }
 
     // The backend request.
-    let backend = &api.backend;
-    let target = backend.pick();
     let query: Option<Cow<'_, str>> = req.uri().query().map(|q| {
         if query_key {
             Cow::Owned(without_param(q, &api.key_query))
@@ -394,8 +421,6 @@ async fn serve(
             Cow::Borrowed(q)
         }
     });
-    // The part of the path after the API's prefix (a suffix of the path).
-    let rest_start = path.len() - rest.len();
     let query = query.map(Cow::into_owned);
     let downstream_version = req.version();
     let upgrade = downstream_version == Version::HTTP_11 && headers::is_upgrade(req.headers());
@@ -417,124 +442,247 @@ async fn serve(
         subscription_id: sub_id.as_deref().unwrap_or_default(),
         client_ip: conn.forwarded.ip(),
         request_id: request_id.to_str().unwrap_or_default(),
+        client_cert: conn.client_cert.as_ref().map(|c| c.der_base64.as_str()),
         ..HostContext::default()
     });
-    if let (Some(p), Some(ctx)) = (pipeline, ctx.as_mut()) {
-        let mut msg = Msg::Request(&mut parts);
-        for (section, steps) in [(phase::INBOUND, &p.inbound), (phase::BACKEND, &p.backend)] {
-            ctx.phase = section;
-            let run = run_section(shared, steps, p, Hook::Request, &mut msg, ctx, &mut source);
-            let answered = run.await;
-            if let (Some(r), Some(c)) = (record.as_deref_mut(), &ctx.cache_status) {
-                r.cache = Some(c.clone());
+    let result = async {
+        if let (Some(p), Some(ctx)) = (pipeline, ctx.as_mut()) {
+            let mut msg = Msg::Request(&mut parts);
+            for (section, steps) in [(phase::INBOUND, &p.inbound), (phase::BACKEND, &p.backend)] {
+                ctx.phase = section;
+                let run = run_section(shared, steps, p, Hook::Request, &mut msg, ctx, &mut source);
+                let answered = run.await;
+                if let (Some(r), Some(c)) = (record.as_deref_mut(), &ctx.cache_status) {
+                    r.cache = Some(c.clone());
+                }
+                if let Some(resp) = answered? {
+                    return Ok(resp);
+                }
             }
-            if let Some(resp) = answered? {
-                return Ok(resp);
+            if ctx.body_replaced {
+                source = Source::full(ctx.body.take().unwrap_or_default());
+            }
+            if ctx.body.is_some() || ctx.body_replaced {
+                fix_length(&mut parts.headers, &source);
             }
         }
-        if ctx.body_replaced {
-            source = Source::full(ctx.body.take().unwrap_or_default());
+        // Where the request goes: the API's backend, or the one a policy chose.
+        let mut backend = &api.backend;
+        let mut chosen: Option<Target> = None;
+        if let Some(c) = ctx.as_ref() {
+            if let Some(url) = &c.props.backend_url {
+                chosen =
+                    Some(Target::parse(url).map_err(|e| {
+                        ProxyError::PolicyFailed(format!("outpost.backend-url: {e}"))
+                    })?);
+            } else if let Some(id) = &c.props.backend {
+                backend = snapshot.backends.get(id.as_str()).ok_or_else(|| {
+                    ProxyError::PolicyFailed(format!("outpost.backend: no backend '{id}'"))
+                })?;
+                if let Some(r) = record.as_deref_mut() {
+                    r.backend_id = Some(backend.id.clone());
+                }
+            }
         }
-        if ctx.body.is_some() || ctx.body_replaced {
-            fix_length(&mut parts.headers, &source);
+        let target = chosen.as_ref().unwrap_or_else(|| backend.pick());
+        let retry = match ctx.as_ref().and_then(|c| c.props.retry.as_deref()) {
+            Some(rule) => Some(
+                serde_json::from_str::<RetryRule>(rule)
+                    .map_err(|e| ProxyError::PolicyFailed(format!("outpost.retry: {e}")))?,
+            ),
+            None => None,
+        };
+        let mut rewrite = parts.extensions.remove::<crate::plugins::BackendRewrite>();
+        // A policy's query never carries the subscription key on to the backend either.
+        if let Some(q) = rewrite.as_mut().and_then(|rw| rw.query.as_mut()) {
+            if api.subscription_required && query_param(q, &api.key_query).is_some() {
+                *q = without_param(q, &api.key_query);
+            }
         }
-    }
-    let mut rewrite = parts.extensions.remove::<crate::plugins::BackendRewrite>();
-    // A policy's query never carries the subscription key on to the backend either.
-    if let Some(q) = rewrite.as_mut().and_then(|rw| rw.query.as_mut()) {
-        if api.subscription_required && query_param(q, &api.key_query).is_some() {
-            *q = without_param(q, &api.key_query);
-        }
-    }
-    let rest = &parts.uri.path()[rest_start..];
-    let (rest, query) = match &rewrite {
-        Some(rw) => (
-            rw.path.as_deref().unwrap_or(rest),
-            rw.query.as_deref().or(query.as_deref()),
-        ),
-        None => (rest, query.as_deref()),
-    };
-    let mut pq = String::with_capacity(
-        target.base_path.len() + rest.len() + 1 + query.map_or(0, |q| q.len() + 1),
-    );
-    pq.push_str(&target.base_path);
-    pq.push_str(rest);
-    if pq.is_empty() {
-        pq.push('/');
-    }
-    if let Some(q) = query.filter(|q| !q.is_empty()) {
-        pq.push('?');
-        pq.push_str(q);
-    }
-    let uri = Uri::builder()
-        .scheme(target.scheme.clone())
-        .authority(target.authority.clone())
-        .path_and_query(
-            PathAndQuery::try_from(pq).map_err(|e| ProxyError::BadRequest(e.to_string()))?,
-        )
-        .build()
-        .map_err(|e| ProxyError::BadRequest(e.to_string()))?;
-    if let Some(r) = record.as_deref_mut() {
-        r.backend_url = format!("{}://{}{}", target.scheme, target.authority, uri.path());
-    }
-    parts.uri = uri;
-    parts.version = Version::HTTP_11;
-    let h = &mut parts.headers;
-    headers::remove_hop_by_hop(h, upgrade);
-    if api.subscription_required {
-        h.remove(&api.key_header);
-    }
-    if backend.preserve_host {
-        if let Some(v) = &host_value {
-            h.insert(header::HOST, v.clone());
-        }
-    } else {
-        h.remove(header::HOST);
-    }
-    if downstream_version == Version::HTTP_2 {
-        join_cookies(h);
-    }
-    headers::add_forwarded(h, &conn.forwarded, host);
-    h.insert(&headers::X_REQUEST_ID, request_id.clone());
-    let trace_id = headers::propagate_traceparent(h);
-    if let Some(r) = record.as_deref_mut() {
-        r.trace_id = String::from_utf8_lossy(&trace_id).into_owned();
-        r.span_id = h
-            .get(&headers::TRACEPARENT)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.get(36..52))
-            .unwrap_or_default()
-            .to_owned();
-    }
-    // Never trust a client-supplied thumbprint, whichever listener it came through.
-    for name in &shared.reserved_headers {
-        h.remove(name);
-    }
-    if let Some((name, value)) = &conn.thumbprint {
-        h.insert(name.clone(), value.clone());
-    }
-
-    let has_body = !http_body::Body::is_end_stream(&source);
-    if has_body && !h.contains_key(header::CONTENT_LENGTH) {
-        // A body of unknown length (chunked, or HTTP/2 without a length). Say so explicitly:
-        // on GET/HEAD the HTTP/1.1 client would otherwise assume there is none and drop it.
-        h.insert(
-            header::TRANSFER_ENCODING,
-            HeaderValue::from_static("chunked"),
+        let rest = &parts.uri.path()[rest_start..];
+        let (rest, query) = match &rewrite {
+            Some(rw) => (
+                rw.path.as_deref().unwrap_or(rest),
+                rw.query.as_deref().or(query.as_deref()),
+            ),
+            None => (rest, query.as_deref()),
+        };
+        let mut pq = String::with_capacity(
+            target.base_path.len() + rest.len() + 1 + query.map_or(0, |q| q.len() + 1),
         );
-    }
-    let progress = has_body.then(Progress::new);
-    let body = RequestBody::new(source, shared.limits.max_body_bytes, progress.clone());
-    let head_request = parts.method == Method::HEAD;
-    let upstream_req = Request::from_parts(parts, body);
+        pq.push_str(&target.base_path);
+        pq.push_str(rest);
+        if pq.is_empty() {
+            pq.push('/');
+        }
+        if let Some(q) = query.filter(|q| !q.is_empty()) {
+            pq.push('?');
+            pq.push_str(q);
+        }
+        let uri = Uri::builder()
+            .scheme(target.scheme.clone())
+            .authority(target.authority.clone())
+            .path_and_query(
+                PathAndQuery::try_from(pq).map_err(|e| ProxyError::BadRequest(e.to_string()))?,
+            )
+            .build()
+            .map_err(|e| ProxyError::BadRequest(e.to_string()))?;
+        if let Some(r) = record.as_deref_mut() {
+            r.backend_url = format!("{}://{}{}", target.scheme, target.authority, uri.path());
+        }
+        parts.uri = uri;
+        parts.version = Version::HTTP_11;
+        let h = &mut parts.headers;
+        headers::remove_hop_by_hop(h, upgrade);
+        if api.subscription_required {
+            h.remove(&api.key_header);
+        }
+        if backend.preserve_host {
+            if let Some(v) = &host_value {
+                h.insert(header::HOST, v.clone());
+            }
+        } else {
+            h.remove(header::HOST);
+        }
+        if downstream_version == Version::HTTP_2 {
+            join_cookies(h);
+        }
+        headers::add_forwarded(h, &conn.forwarded, host);
+        h.insert(&headers::X_REQUEST_ID, request_id.clone());
+        let trace_id = headers::propagate_traceparent(h);
+        if let Some(r) = record.as_deref_mut() {
+            r.trace_id = String::from_utf8_lossy(&trace_id).into_owned();
+            r.span_id = h
+                .get(&headers::TRACEPARENT)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.get(36..52))
+                .unwrap_or_default()
+                .to_owned();
+        }
+        // Never trust a client-supplied thumbprint, whichever listener it came through.
+        for name in &shared.reserved_headers {
+            h.remove(name);
+        }
+        if let Some((name, value)) = &conn.thumbprint {
+            h.insert(name.clone(), value.clone());
+        }
 
+        let has_body = !http_body::Body::is_end_stream(&source);
+        if has_body && !h.contains_key(header::CONTENT_LENGTH) {
+            // A body of unknown length (chunked, or HTTP/2 without a length). Say so explicitly:
+            // on GET/HEAD the HTTP/1.1 client would otherwise assume there is none and drop it.
+            h.insert(
+                header::TRANSFER_ENCODING,
+                HeaderValue::from_static("chunked"),
+            );
+        }
+        let head_request = parts.method == Method::HEAD;
+        let backend_started = record.is_some().then(tokio::time::Instant::now);
+        let resp = match retry.and_then(|rule| Some((rule, source.replayable()?))) {
+            Some((rule, body)) => send_with_retries(shared, backend, parts, body, &rule).await?,
+            None => {
+                let progress = has_body.then(Progress::new);
+                let body = RequestBody::new(source, shared.limits.max_body_bytes, progress.clone());
+                send(
+                    shared,
+                    backend,
+                    Request::from_parts(parts, body),
+                    progress.as_deref(),
+                )
+                .await?
+            }
+        };
+        if let (Some(r), Some(t)) = (record.as_deref_mut(), backend_started) {
+            r.backend_us = t.elapsed().as_micros() as u64;
+            r.backend_status = resp.status().as_u16();
+        }
+
+        let idle = Duration::from_millis(shared.upstream.body_idle_timeout_ms);
+        let mut resp = resp.map(Source::from);
+        if let (Some(p), Some(ctx)) = (pipeline, ctx.as_mut()) {
+            if !p.outbound.is_empty() || !ctx.props.on_response.is_empty() {
+                let (mut rparts, mut source) = resp.into_parts();
+                ctx.phase = phase::OUTBOUND;
+                ctx.body = None;
+                ctx.body_replaced = false;
+                let mut msg = Msg::Response(&mut rparts);
+                // Inbound steps that asked for the response, then the outbound section.
+                let early = std::mem::take(&mut ctx.props.on_response);
+                let mut answered = Ok(None);
+                for steps in [&early, &p.outbound] {
+                    answered =
+                        run_section(shared, steps, p, Hook::Response, &mut msg, ctx, &mut source)
+                            .await;
+                    if !matches!(answered, Ok(None)) {
+                        break;
+                    }
+                }
+                if let (Some(r), Some(c)) = (record, &ctx.cache_status) {
+                    r.cache = Some(c.clone());
+                }
+                if let Some(local) = answered? {
+                    return Ok(local);
+                }
+                if ctx.body_replaced {
+                    source = Source::full(ctx.body.take().unwrap_or_default());
+                }
+                let bodyless =
+                    head_request || matches!(rparts.status.as_u16(), 100..=199 | 204 | 304);
+                if (ctx.body.is_some() || ctx.body_replaced) && !bodyless {
+                    fix_length(&mut rparts.headers, &source);
+                }
+                resp = Response::from_parts(rparts, source);
+            }
+        }
+        let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+        if resp.headers().contains_key(header::TRANSFER_ENCODING) {
+            // RFC 9112 §6.3: Transfer-Encoding overrides Content-Length; never pass on both.
+            resp.headers_mut().remove(header::CONTENT_LENGTH);
+        }
+        headers::remove_hop_by_hop(resp.headers_mut(), switching && upgrade);
+        if switching {
+            match client_upgrade {
+                Some(client_upgrade) => {
+                    let backend_upgrade = hyper::upgrade::on(&mut resp);
+                    let idle = Duration::from_millis(shared.upstream.tunnel_idle_timeout_ms);
+                    tokio::spawn(tunnel(
+                        client_upgrade,
+                        backend_upgrade,
+                        idle,
+                        conn.drain.clone(),
+                    ));
+                }
+                None => {
+                    return Err(ProxyError::BackendFailed {
+                        backend: backend.id.to_string(),
+                        reason: "switched protocols without an upgrade request".into(),
+                    })
+                }
+            }
+        }
+        Ok(resp.map(|inner| ResponseBody::upstream(inner, idle)))
+    }
+    .await;
+    if let Some(c) = ctx.as_mut() {
+        ids.response_headers = std::mem::take(&mut c.props.response_headers);
+        ids.end = std::mem::take(&mut c.props.on_end);
+    }
+    result
+}
+
+/// Sends the backend request once, within the response-header deadline (which moves while a
+/// streamed upload moves).
+async fn send(
+    shared: &Shared,
+    backend: &BackendRoute,
+    req: Request<RequestBody>,
+    progress: Option<&Progress>,
+) -> Result<Response<Incoming>, ProxyError> {
     let timeout = Duration::from_millis(shared.upstream.response_header_timeout_ms);
-    let backend_started = record.is_some().then(tokio::time::Instant::now);
-    let sent = backend.client.request(upstream_req);
-    let result = match &progress {
+    let sent = backend.client.request(req);
+    let result = match progress {
         None => tokio::time::timeout(timeout, sent).await.map_err(|_| ()),
         Some(progress) => {
-            // The deadline moves while the upload moves.
             tokio::pin!(sent);
             loop {
                 let deadline = progress.last() + timeout;
@@ -550,96 +698,159 @@ async fn serve(
         }
     };
     // What happened to the request body decides who is to blame, whatever the client says.
-    let body_state = progress.as_ref().map(|p| p.state());
-    let resp = match result {
-        Err(()) if body_state == Some(BodyState::Streaming) => {
-            return Err(ProxyError::RequestTimeout)
+    let body_state = progress.map(|p| p.state());
+    match result {
+        Err(()) if body_state == Some(BodyState::Streaming) => Err(ProxyError::RequestTimeout),
+        Err(()) => Err(ProxyError::BackendTimeout {
+            backend: backend.id.to_string(),
+            phase: "response headers",
+        }),
+        Ok(Err(e)) => Err(match (body_state, shared.limits.max_body_bytes) {
+            (Some(BodyState::TooLarge), Some(limit)) => ProxyError::BodyTooLarge { limit },
+            (Some(BodyState::ClientFailed), _) => {
+                ProxyError::BadRequest("the request body could not be read".into())
+            }
+            _ => classify(&backend.id, &e),
+        }),
+        Ok(Ok(resp)) => Ok(resp),
+    }
+}
+
+/// The `outpost.retry` property: when the gateway sends a backend request again.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RetryRule {
+    #[serde(default = "one")]
+    count: u32,
+    #[serde(default)]
+    interval_ms: u64,
+    #[serde(default = "thirty_seconds")]
+    max_interval_ms: u64,
+    #[serde(default)]
+    exponential: bool,
+    #[serde(default)]
+    jitter: bool,
+    /// Inclusive status ranges.
+    #[serde(default)]
+    statuses: Vec<(u16, u16)>,
+    #[serde(default = "yes")]
+    on_connect_failure: bool,
+}
+
+fn one() -> u32 {
+    1
+}
+fn thirty_seconds() -> u64 {
+    30_000
+}
+fn yes() -> bool {
+    true
+}
+
+impl RetryRule {
+    fn again(&self, answer: &Result<Response<Incoming>, ProxyError>) -> bool {
+        match answer {
+            Ok(r) => {
+                let s = r.status().as_u16();
+                self.statuses.iter().any(|&(lo, hi)| (lo..=hi).contains(&s))
+            }
+            Err(e) => {
+                self.on_connect_failure
+                    && matches!(
+                        e,
+                        ProxyError::BackendUnreachable { .. }
+                            | ProxyError::BackendTimeout { .. }
+                            | ProxyError::BackendFailed { .. }
+                    )
+            }
         }
-        Err(()) => {
-            return Err(ProxyError::BackendTimeout {
-                backend: backend.id.to_string(),
-                phase: "response headers",
-            })
+    }
+}
+
+/// Sends a request whose body is known whole, again while the retry rule says so.
+async fn send_with_retries(
+    shared: &Shared,
+    backend: &BackendRoute,
+    parts: http::request::Parts,
+    body: bytes::Bytes,
+    rule: &RetryRule,
+) -> Result<Response<Incoming>, ProxyError> {
+    let mut wait = rule.interval_ms.min(rule.max_interval_ms);
+    let mut attempt = 0;
+    loop {
+        let mut req = Request::new(RequestBody::new(
+            Source::full(body.clone()),
+            shared.limits.max_body_bytes,
+            None,
+        ));
+        *req.method_mut() = parts.method.clone();
+        *req.uri_mut() = parts.uri.clone();
+        *req.version_mut() = parts.version;
+        *req.headers_mut() = parts.headers.clone();
+        let answer = send(shared, backend, req, None).await;
+        if attempt >= rule.count || !rule.again(&answer) {
+            return answer;
         }
-        Ok(Err(e)) => {
-            return Err(match (body_state, shared.limits.max_body_bytes) {
-                (Some(BodyState::TooLarge), Some(limit)) => ProxyError::BodyTooLarge { limit },
-                (Some(BodyState::ClientFailed), _) => {
-                    ProxyError::BadRequest("the request body could not be read".into())
-                }
-                _ => classify(&backend.id, &e),
-            })
+        attempt += 1;
+        drop(answer);
+        let pause = if rule.jitter {
+            fastrand::u64(wait / 2..=wait)
+        } else {
+            wait
+        };
+        tracing::debug!(backend = %backend.id, attempt, wait_ms = pause, "Retrying the backend request.");
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        if rule.exponential {
+            wait = wait.saturating_mul(2).clamp(1, rule.max_interval_ms);
         }
-        Ok(Ok(resp)) => resp,
+    }
+}
+
+/// A CORS preflight: OPTIONS with `Origin` and `Access-Control-Request-Method`.
+fn is_preflight<B>(req: &Request<B>) -> bool {
+    req.method() == Method::OPTIONS
+        && req.headers().contains_key(header::ORIGIN)
+        && req
+            .headers()
+            .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
+}
+
+/// Runs the API's preflight policies; their answer, if one answered.
+async fn preflight(
+    shared: &Shared,
+    conn: &ConnInfo,
+    pipeline: &Pipeline,
+    api: &ApiRoute,
+    parts: &mut http::request::Parts,
+    request_id: &HeaderValue,
+    ids: &mut RouteIds,
+) -> Result<Option<Response<ResponseBody>>, ProxyError> {
+    let mut ctx = HostContext {
+        api_id: &api.id,
+        backend_id: &api.backend.id,
+        client_ip: conn.forwarded.ip(),
+        request_id: request_id.to_str().unwrap_or_default(),
+        client_cert: conn.client_cert.as_ref().map(|c| c.der_base64.as_str()),
+        phase: phase::INBOUND,
+        ..HostContext::default()
     };
-    if let (Some(r), Some(t)) = (record.as_deref_mut(), backend_started) {
-        r.backend_us = t.elapsed().as_micros() as u64;
-        r.backend_status = resp.status().as_u16();
+    let mut source = Source::full(bytes::Bytes::new());
+    let mut msg = Msg::Request(parts);
+    let answered = run_section(
+        shared,
+        &pipeline.inbound,
+        pipeline,
+        Hook::Request,
+        &mut msg,
+        &mut ctx,
+        &mut source,
+    )
+    .await?;
+    if answered.is_some() {
+        ids.response_headers = std::mem::take(&mut ctx.props.response_headers);
+        ids.end = std::mem::take(&mut ctx.props.on_end);
     }
-
-    let idle = Duration::from_millis(shared.upstream.body_idle_timeout_ms);
-    let mut resp = resp.map(Source::from);
-    if let (Some(p), Some(ctx)) = (pipeline, ctx.as_mut()) {
-        if !p.outbound.is_empty() {
-            let (mut rparts, mut source) = resp.into_parts();
-            ctx.phase = phase::OUTBOUND;
-            ctx.body = None;
-            ctx.body_replaced = false;
-            let mut msg = Msg::Response(&mut rparts);
-            let run = run_section(
-                shared,
-                &p.outbound,
-                p,
-                Hook::Response,
-                &mut msg,
-                ctx,
-                &mut source,
-            );
-            let answered = run.await;
-            if let (Some(r), Some(c)) = (record, &ctx.cache_status) {
-                r.cache = Some(c.clone());
-            }
-            if let Some(local) = answered? {
-                return Ok(local);
-            }
-            if ctx.body_replaced {
-                source = Source::full(ctx.body.take().unwrap_or_default());
-            }
-            let bodyless = head_request || matches!(rparts.status.as_u16(), 100..=199 | 204 | 304);
-            if (ctx.body.is_some() || ctx.body_replaced) && !bodyless {
-                fix_length(&mut rparts.headers, &source);
-            }
-            resp = Response::from_parts(rparts, source);
-        }
-    }
-
-    let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
-    if resp.headers().contains_key(header::TRANSFER_ENCODING) {
-        // RFC 9112 §6.3: Transfer-Encoding overrides Content-Length; never pass on both.
-        resp.headers_mut().remove(header::CONTENT_LENGTH);
-    }
-    headers::remove_hop_by_hop(resp.headers_mut(), switching && upgrade);
-    if switching {
-        match client_upgrade {
-            Some(client_upgrade) => {
-                let backend_upgrade = hyper::upgrade::on(&mut resp);
-                let idle = Duration::from_millis(shared.upstream.tunnel_idle_timeout_ms);
-                tokio::spawn(tunnel(
-                    client_upgrade,
-                    backend_upgrade,
-                    idle,
-                    conn.drain.clone(),
-                ));
-            }
-            None => {
-                return Err(ProxyError::BackendFailed {
-                    backend: backend.id.to_string(),
-                    reason: "switched protocols without an upgrade request".into(),
-                })
-            }
-        }
-    }
-    Ok(resp.map(|inner| ResponseBody::upstream(inner, idle)))
+    Ok(answered)
 }
 
 /// How many times one step may pause before it is failed (a policy that never stops asking).
@@ -684,13 +895,14 @@ async fn run_section(
 /// hook.
 async fn run_step(
     shared: &Shared,
-    step: &PolicyInstance,
+    step: &Arc<PolicyInstance>,
     hook: Hook,
     msg: &mut Msg<'_>,
     ctx: &mut HostContext<'_>,
     source: &mut Source,
 ) -> Result<StepResult, ProxyError> {
     let mut result = step.call(hook, msg, ctx);
+    ctx.props.register(step, ctx.slot);
     let mut pauses = 0;
     while result == StepResult::Paused {
         pauses += 1;
@@ -710,6 +922,7 @@ async fn run_step(
             ctx.answer(token, done);
         }
         result = step.call(Hook::Resume, msg, ctx);
+        ctx.props.register(step, ctx.slot);
     }
     Ok(result)
 }

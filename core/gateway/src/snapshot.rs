@@ -64,6 +64,9 @@ pub struct ApiRoute {
     pub key_query: Box<str>,
     /// Operations, most specific first.
     pub operations: Vec<OperationRoute>,
+    /// The global and API inbound policies, which CORS preflight requests run before
+    /// operation matching and subscription checks (`None` unless a `cors` step is among them).
+    pub preflight: Option<Arc<crate::plugins::Pipeline>>,
 }
 
 /// One subscription, compiled.
@@ -98,6 +101,8 @@ pub struct Snapshot {
     pub keys: HashMap<Box<str>, usize>,
     /// The subscriptions.
     pub subscriptions: Vec<SubscriptionEntry>,
+    /// Every backend by id (for policies that choose another backend).
+    pub backends: HashMap<Box<str>, Arc<BackendRoute>>,
     /// The document exactly as received (what backups keep).
     pub raw: bytes::Bytes,
     /// The plane's signature of `raw` (hex), when it came signed.
@@ -126,7 +131,7 @@ impl Snapshot {
         for (i, b) in config.backends.iter().enumerate() {
             match clients.backend(b) {
                 Ok(route) => {
-                    backends.insert(b.id.as_str(), Arc::new(route));
+                    backends.insert(Box::<str>::from(b.id.as_str()), Arc::new(route));
                 }
                 Err(e) => report.push(format!("backends[{i}].tls"), e.to_string()),
             }
@@ -221,7 +226,13 @@ impl Snapshot {
                     continue;
                 }
             };
+            let preflight = pipeline(&[global.as_ref(), None, api_doc.as_ref(), None]);
             apis.push(ApiRoute {
+                preflight: preflight
+                    .inbound
+                    .iter()
+                    .any(|step| &*step.name == "cors")
+                    .then(|| Arc::new(preflight)),
                 id: api.id.as_str().into(),
                 prefix: prefix.into(),
                 backend,
@@ -297,6 +308,7 @@ impl Snapshot {
             apis,
             keys,
             subscriptions,
+            backends,
             raw: bytes::Bytes::copy_from_slice(raw),
             signature: None,
         })

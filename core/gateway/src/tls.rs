@@ -200,6 +200,8 @@ pub struct ClientCertificate {
     pub der: CertificateDer<'static>,
     /// SHA-256 of the DER, lower-case hex.
     pub thumbprint_sha256: String,
+    /// The DER in standard base64, as the `outpost.client-cert` property gives it.
+    pub der_base64: String,
 }
 
 impl ClientCertificate {
@@ -210,6 +212,10 @@ impl ClientCertificate {
         Some(Self {
             der: leaf.clone(),
             thumbprint_sha256: d.as_ref().iter().map(|b| format!("{b:02x}")).collect(),
+            der_base64: base64::Engine::encode(
+                &base64::engine::general_purpose::STANDARD,
+                leaf.as_ref(),
+            ),
         })
     }
 }

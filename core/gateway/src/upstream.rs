@@ -31,6 +31,37 @@ pub struct Target {
     pub base_path: Box<str>,
 }
 
+impl Target {
+    /// From an absolute `http` or `https` URL without query or fragment.
+    pub fn parse(url: &str) -> Result<Target, String> {
+        let uri: http::Uri = url.parse().map_err(|e| format!("'{url}': {e}"))?;
+        let parts = uri.into_parts();
+        let scheme = parts
+            .scheme
+            .filter(|s| *s == Scheme::HTTP || *s == Scheme::HTTPS)
+            .ok_or_else(|| format!("'{url}' is not an http or https URL"))?;
+        let authority = parts
+            .authority
+            .filter(|a| !a.host().is_empty() && !a.as_str().contains('@'))
+            .ok_or_else(|| format!("'{url}' has no host"))?;
+        if parts
+            .path_and_query
+            .as_ref()
+            .is_some_and(|p| p.query().is_some())
+        {
+            return Err(format!("'{url}' has a query"));
+        }
+        Ok(Target {
+            scheme,
+            authority,
+            base_path: parts
+                .path_and_query
+                .map(|p| p.path().trim_end_matches('/').into())
+                .unwrap_or_default(),
+        })
+    }
+}
+
 /// A backend ready to take requests.
 pub struct BackendRoute {
     /// Backend id.
@@ -107,18 +138,7 @@ impl ClientCache {
         let targets = b
             .urls
             .iter()
-            .map(|u| {
-                let uri: http::Uri = u.parse().expect("validated URL");
-                let parts = uri.into_parts();
-                Target {
-                    scheme: parts.scheme.expect("validated scheme"),
-                    authority: parts.authority.expect("validated host"),
-                    base_path: parts
-                        .path_and_query
-                        .map(|p| p.path().trim_end_matches('/').into())
-                        .unwrap_or_default(),
-                }
-            })
+            .map(|u| Target::parse(u).expect("validated URL"))
             .collect();
         Ok(BackendRoute {
             id: b.id.as_str().into(),

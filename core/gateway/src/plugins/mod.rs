@@ -21,8 +21,8 @@ use outpost_plugin_api::{
 };
 
 pub use policy::{
-    BackendRewrite, Done, Hook, HostContext, LocalResponse, Msg, Pipeline, PolicyInstance,
-    StepResult, Work,
+    BackendRewrite, Done, EndHooks, Hook, HostContext, LocalResponse, Msg, Pipeline,
+    PolicyInstance, StepResult, Work,
 };
 pub use services::{instance_id, Services};
 

@@ -135,6 +135,17 @@ impl PolicyInstance {
         }
     }
 
+    /// The last call of a step that asked for it: [`api::phase::END`], through `on_resume`,
+    /// with its slot; any work it asks for is dropped.
+    fn end(&self, msg: &mut Msg<'_>, ctx: &mut HostContext<'_>, slot: u64) {
+        if self.disabled().is_some() {
+            return;
+        }
+        ctx.slot = slot;
+        let _ = self.call(Hook::Resume, msg, ctx);
+        ctx.work.clear();
+    }
+
     /// Calls one hook. Skipped or failed when the instance is disabled; otherwise the plugin
     /// sees `msg` and `ctx` through trait objects built on the stack (no allocation).
     pub fn call(&self, hook: Hook, msg: &mut Msg<'_>, ctx: &mut HostContext<'_>) -> StepResult {
@@ -370,6 +381,124 @@ pub struct HostContext<'r> {
     pub work: Vec<Work>,
     /// Answers, by token − 1.
     pub results: Vec<Done>,
+    /// The client certificate (base64 DER) for `outpost.client-cert`.
+    pub client_cert: Option<&'r str>,
+    /// What policies asked of the host through `outpost.` properties.
+    pub props: HostProps,
+}
+
+/// What policies asked of the gateway through the `outpost.` properties
+/// (docs/host-properties.md).
+#[derive(Debug, Default)]
+pub struct HostProps {
+    /// `outpost.backend`: a backend id.
+    pub backend: Option<String>,
+    /// `outpost.backend-url`: an absolute URL.
+    pub backend_url: Option<String>,
+    /// `outpost.retry`: the retry rule (JSON).
+    pub retry: Option<String>,
+    /// `outpost.response-header.*`: headers added to the client's response.
+    pub response_headers: Vec<(HeaderName, HeaderValue)>,
+    /// The running step set `outpost.on-response`.
+    pub wants_response: bool,
+    /// The running step set `outpost.notify-end`.
+    pub wants_end: bool,
+    /// Inbound or backend steps to call with the backend's response.
+    pub on_response: Vec<Arc<PolicyInstance>>,
+    /// Steps to call once the request has ended.
+    pub on_end: EndHooks,
+}
+
+/// The `outpost.` prefix of host properties.
+const PROPERTY_PREFIX: &str = "outpost.";
+
+impl HostProps {
+    /// Takes a property a policy set; false when it is not a variable too (read-only,
+    /// response headers, unknown names).
+    fn set(&mut self, name: &str, value: &str) -> bool {
+        match name {
+            "backend" => self.backend = Some(value.to_owned()),
+            "backend-url" => self.backend_url = Some(value.to_owned()),
+            "retry" => self.retry = Some(value.to_owned()),
+            "on-response" => self.wants_response = true,
+            "notify-end" => self.wants_end = true,
+            _ => {
+                if let Some(h) = name.strip_prefix("response-header.") {
+                    match (
+                        HeaderName::from_bytes(h.as_bytes()),
+                        HeaderValue::from_str(value),
+                    ) {
+                        (Ok(n), Ok(v)) => self.response_headers.push((n, v)),
+                        _ => tracing::debug!(
+                            header = h,
+                            "A policy set a response header that is not valid HTTP; ignored."
+                        ),
+                    }
+                }
+                return false;
+            }
+        }
+        true
+    }
+
+    /// After a step's hook: remembers the step for the calls it asked for.
+    pub fn register(&mut self, step: &Arc<PolicyInstance>, slot: u64) {
+        if std::mem::take(&mut self.wants_response)
+            && !self.on_response.iter().any(|s| Arc::ptr_eq(s, step))
+        {
+            self.on_response.push(step.clone());
+        }
+        if std::mem::take(&mut self.wants_end) {
+            match self
+                .on_end
+                .steps
+                .iter_mut()
+                .find(|(s, _)| Arc::ptr_eq(s, step))
+            {
+                Some((_, s)) => *s = slot,
+                None => self.on_end.steps.push((step.clone(), slot)),
+            }
+        }
+    }
+}
+
+/// Steps to call in [`api::phase::END`] when the request ends: on drop, so a client that
+/// goes away still releases what a step holds.
+#[derive(Debug, Default)]
+pub struct EndHooks {
+    /// Step and its last slot.
+    pub steps: Vec<(Arc<PolicyInstance>, u64)>,
+    /// The status answered (0: none).
+    pub status: u16,
+    /// The response body's exact length, when known.
+    pub bytes: Option<u64>,
+}
+
+impl Drop for EndHooks {
+    fn drop(&mut self) {
+        if self.steps.is_empty() {
+            return;
+        }
+        let status = self.status.to_string();
+        let bytes = self.bytes.map(|b| b.to_string());
+        let mut head = http::Response::new(()).into_parts().0;
+        if let Ok(s) = StatusCode::from_u16(self.status) {
+            head.status = s;
+        }
+        for (step, slot) in std::mem::take(&mut self.steps) {
+            let mut variables = vec![("outpost.status".to_owned(), status.clone())];
+            if let Some(b) = &bytes {
+                variables.push(("outpost.response-bytes".to_owned(), b.clone()));
+            }
+            let mut ctx = HostContext {
+                phase: api::phase::END,
+                variables,
+                ..HostContext::default()
+            };
+            let mut msg = Msg::Response(&mut head);
+            step.end(&mut msg, &mut ctx, slot);
+        }
+    }
 }
 
 impl HostContext<'_> {
@@ -418,6 +547,9 @@ impl api::RequestContext for HostContext<'_> {
         self.request_id.into()
     }
     fn variable(&self, name: RStr<'_>) -> ROption<RStr<'_>> {
+        if name.as_str() == "outpost.client-cert" {
+            return self.client_cert.map(RStr::from).into();
+        }
         self.variables
             .iter()
             .find(|(k, _)| k == name.as_str())
@@ -425,6 +557,11 @@ impl api::RequestContext for HostContext<'_> {
             .into()
     }
     fn set_variable(&mut self, name: RStr<'_>, value: RStr<'_>) {
+        if let Some(prop) = name.as_str().strip_prefix(PROPERTY_PREFIX) {
+            if self.phase == api::phase::END || !self.props.set(prop, value.as_str()) {
+                return;
+            }
+        }
         match self.variables.iter_mut().find(|(k, _)| k == name.as_str()) {
             Some((_, v)) => *v = value.to_string(),
             None => self.variables.push((name.to_string(), value.to_string())),

@@ -1,0 +1,253 @@
+//! Host properties (docs/host-properties.md): what policies ask of the gateway through the
+//! reserved `outpost.` variables — another backend, retries, response headers — set here by
+//! the fixtures' `set-var` policy, so the gateway side is tested on its own.
+
+use outpost_tests::gateway::{plugin_library, LISTENER_HTTP};
+use outpost_tests::{closed_port, Backend, Gateway, GatewaySpec};
+use serde_json::{json, Value};
+
+use crate::{assert_error, client};
+
+fn manifest() -> String {
+    format!(
+        "{LISTENER_HTTP}\n[[plugins]]\nname = \"fixtures\"\npath = \"{}\"\n",
+        plugin_library("outpost_fixture_policies").display(),
+    )
+}
+
+fn set(name: &str, value: &str) -> Value {
+    json!({ "policy": "set-var", "config": { "name": name, "value": value } })
+}
+
+/// Two backends (`a`, the API's, and `b`), one open API with an operation per case.
+fn spec(a: &str, b: &str, operations: Value) -> GatewaySpec {
+    GatewaySpec {
+        manifest: manifest(),
+        api: json!({
+            "version": "h1",
+            "backends": [{ "id": "a", "urls": [a] }, { "id": "b", "urls": [b] }],
+            "apis": [{ "id": "svc", "path": "/svc", "backend": "a", "subscription_required": false,
+                       "operations": operations }],
+        }),
+        files: Vec::new(),
+        watch_ms: 100,
+    }
+}
+
+fn op(id: &str, method: &str, template: &str, inbound: Value) -> Value {
+    json!({ "id": id, "method": method, "url_template": template,
+            "policies": { "inbound": inbound } })
+}
+
+#[tokio::test]
+async fn policies_choose_the_backend_by_id_or_url() {
+    let a = Backend::start().await;
+    let b = Backend::start().await;
+    let gw = Gateway::start(spec(
+        &a.url(false),
+        &b.url(false),
+        json!([
+            op("by-id", "GET", "/by-id/echo", json!([set("outpost.backend", "b")])),
+            op(
+                "by-url",
+                "GET",
+                "/by-url/echo",
+                json!([set("outpost.backend-url", &format!("{}/base", b.url(false)))])
+            ),
+            op("unknown", "GET", "/unknown/echo", json!([set("outpost.backend", "zzz")])),
+            op("bad-url", "GET", "/bad-url/echo", json!([set("outpost.backend-url", "ftp://x")])),
+            op("plain", "GET", "/plain/echo", json!([])),
+        ]),
+    ));
+    let c = client();
+
+    let r = c.get(gw.url("/svc/by-id/echo")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!((a.requests(), b.requests()), (0, 1));
+
+    let r = c.get(gw.url("/svc/by-url/echo?q=1")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["uri"], "/base/by-url/echo?q=1", "{body}");
+    assert_eq!((a.requests(), b.requests()), (0, 2));
+
+    let r = c.get(gw.url("/svc/plain/echo")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!((a.requests(), b.requests()), (1, 2));
+
+    let body = assert_error(
+        c.get(gw.url("/svc/unknown/echo")).send().await.unwrap(),
+        500,
+        "policy_failed",
+    )
+    .await;
+    assert!(
+        body["message"].as_str().unwrap().contains("no backend 'zzz'"),
+        "{body}"
+    );
+    let body = assert_error(
+        c.get(gw.url("/svc/bad-url/echo")).send().await.unwrap(),
+        500,
+        "policy_failed",
+    )
+    .await;
+    assert!(
+        body["message"].as_str().unwrap().contains("not an http"),
+        "{body}"
+    );
+    assert_eq!((a.requests(), b.requests()), (1, 2));
+}
+
+#[tokio::test]
+async fn retries_follow_the_rule_and_resend_the_same_body() {
+    let a = Backend::start().await;
+    let dead = format!("http://127.0.0.1:{}", closed_port());
+    let rule = |count: u32, statuses: Value| {
+        json!({ "count": count, "interval_ms": 20, "exponential": true, "jitter": true,
+                "statuses": statuses })
+        .to_string()
+    };
+    let gw = Gateway::start(spec(
+        &a.url(false),
+        &dead,
+        json!([
+            op(
+                "flaky",
+                "*",
+                "/flaky/{n}",
+                // The body is read whole first (here upper-cased), so it can be sent again.
+                json!([{ "policy": "body-upper", "config": { "limit": 1024 } },
+                       set("outpost.retry", &rule(3, json!([[500, 599]])))])
+            ),
+            op(
+                "streamed",
+                "POST",
+                "/streamed/flaky/{n}",
+                json!([set("outpost.retry", &rule(3, json!([[500, 599]])))])
+            ),
+            op(
+                "other",
+                "GET",
+                "/other/flaky/{n}",
+                json!([set("outpost.retry", &rule(3, json!([[429, 429]])))])
+            ),
+            op(
+                "dead",
+                "GET",
+                "/dead",
+                json!([set("outpost.backend", "b"), set("outpost.retry", &rule(2, json!([])))])
+            ),
+            op(
+                "bad",
+                "GET",
+                "/bad",
+                json!([set("outpost.retry", "{\"count\": \"many\"}")])
+            ),
+        ]),
+    ));
+    let c = client();
+
+    // Two 503s, then the answer: the third attempt is what the client gets.
+    let r = c
+        .post(gw.url("/svc/flaky/2"))
+        .body("the same body")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["attempt"], 3, "{body}");
+    assert_eq!(body["body"], "THE SAME BODY", "{body}");
+    assert_eq!(a.flaky_attempts(), 3);
+
+    // A streamed body cannot be sent twice: no retry, the backend's 503 is the answer.
+    let r = c
+        .post(gw.url("/svc/streamed/flaky/100"))
+        .body("streamed")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(a.flaky_attempts(), 4);
+
+    // More failures than retries: the last answer (503) is passed on after 1 + 3 attempts.
+    let r = c.get(gw.url("/svc/flaky/100")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(a.flaky_attempts(), 4 + 4);
+
+    // A status the rule does not name is not retried.
+    let r = c.get(gw.url("/svc/other/flaky/100")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(a.flaky_attempts(), 4 + 4 + 1);
+
+    // A backend that cannot be reached: retried, then the gateway's own 502.
+    let started = std::time::Instant::now();
+    assert_error(
+        c.get(gw.url("/svc/dead")).send().await.unwrap(),
+        502,
+        "backend_unreachable",
+    )
+    .await;
+    // Two waits of at least 10 ms (jitter draws from [wait/2, wait]) happened.
+    assert!(started.elapsed() >= std::time::Duration::from_millis(20));
+
+    let body = assert_error(
+        c.get(gw.url("/svc/bad")).send().await.unwrap(),
+        500,
+        "policy_failed",
+    )
+    .await;
+    assert!(
+        body["message"].as_str().unwrap().contains("outpost.retry"),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn response_headers_reach_every_answer() {
+    let a = Backend::start().await;
+    let dead = format!("http://127.0.0.1:{}", closed_port());
+    let gw = Gateway::start(spec(
+        &a.url(false),
+        &dead,
+        json!([
+            op(
+                "ok",
+                "GET",
+                "/ok/echo",
+                json!([set("outpost.response-header.x-added", "yes"),
+                       set("outpost.response-header.bad header", "ignored")])
+            ),
+            op(
+                "down",
+                "GET",
+                "/down",
+                json!([set("outpost.response-header.x-added", "also"), set("outpost.backend", "b")])
+            ),
+            op(
+                "readonly",
+                "GET",
+                "/readonly/echo",
+                json!([set("outpost.client-cert", "forged"),
+                       { "policy": "var-to-header", "config": { "name": "outpost.client-cert", "header": "x-cert" } }])
+            ),
+        ]),
+    ));
+    let c = client();
+    let r = c.get(gw.url("/svc/ok/echo")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-added"], "yes");
+    let body: Value = r.json().await.unwrap();
+    // A response header is not sent to the backend.
+    assert!(body["headers"].get("x-added").is_none(), "{body}");
+
+    // The gateway's own error answer carries it too.
+    let r = c.get(gw.url("/svc/down")).send().await.unwrap();
+    assert_eq!(r.headers()["x-added"], "also");
+    assert_error(r, 502, "backend_unreachable").await;
+
+    // Read-only properties cannot be forged: without a client certificate there is none.
+    let r = c.get(gw.url("/svc/readonly/echo")).send().await.unwrap();
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["headers"]["x-cert"][0], "(unset)", "{body}");
+}
