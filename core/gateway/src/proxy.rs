@@ -801,7 +801,7 @@ async fn send_with_retries(
         tracing::debug!(backend = %backend.id, attempt, wait_ms = pause, "Retrying the backend request.");
         tokio::time::sleep(Duration::from_millis(pause)).await;
         if rule.exponential {
-            wait = wait.saturating_mul(2).clamp(1, rule.max_interval_ms);
+            wait = wait.saturating_mul(2).min(rule.max_interval_ms).max(1);
         }
     }
 }

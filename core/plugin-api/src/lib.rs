@@ -156,9 +156,10 @@ pub mod phase {
     pub const OUTBOUND: u8 = 3;
     /// On-error section.
     pub const ON_ERROR: u8 = 4;
-    /// The request has ended (answered, failed, or the client went away): the last call of a
-    /// step that asked for it with the `outpost.notify-end` property. No host work can be
-    /// asked for; the head is empty.
+    /// The request has ended (its response head is ready, it failed, or the client went
+    /// away): the last call of a step that asked for it with the `outpost.notify-end`
+    /// property, through `on_resume`. No host work can be asked for; the head has no headers
+    /// and the answered status (200 when there was none: read `outpost.status`, 0 then).
     pub const END: u8 = 5;
 }
 
