@@ -1,79 +1,63 @@
-//! Access policies, as APIM names them:
+//! Access policies, as APIM names them (every field is described in the crate's README):
 //!
-//! * `check-header` — `{"name": "x-client", "values": ["a", "b"], "ignore_case": true,
-//!   "failed_check_httpcode": 401, "failed_check_error_message": "…"}`: answers with that
-//!   status when the header is missing or (with `values`) has another value.
+//! * `check-header` — refuses requests whose header is missing or has another value.
+//! * `ip-filter` — allows or forbids client addresses (single addresses, CIDR ranges,
+//!   from–to ranges; IPv4 and IPv6).
+//! * `validate-jwt` — validates a JSON Web Token (signature with inline keys or keys fetched
+//!   from a JWKS or OpenID configuration through the host, expiry, issuer, audience, claims)
+//!   and hands its claims to later policies as `jwt.<claim>` variables.
+//! * `authentication-basic` — sends HTTP Basic credentials to the backend.
+//! * `validate-client-certificate` — checks the client's TLS certificate (validity dates,
+//!   identities: thumbprint, serial number, names).
+//!
+//! Refusals answer with the gateway's JSON error shape
+//! (`{"statusCode": N, "error": "<code>", "message": "…"}`, `application/json`).
 
-use outpost_plugin_sdk::serde::Deserialize;
-use outpost_plugin_sdk::{export_plugin, Context, Flow, Head, Policy};
+use outpost_plugin_sdk::serde_json::{self, Value};
+use outpost_plugin_sdk::{export_plugin, Context, Flow};
 
-/// `check-header` configuration.
-#[derive(Deserialize)]
-#[serde(crate = "outpost_plugin_sdk::serde", deny_unknown_fields)]
-pub struct CheckHeaderConfig {
-    name: String,
-    #[serde(default)]
-    values: Vec<String>,
-    #[serde(default)]
-    ignore_case: bool,
-    #[serde(default = "default_code")]
-    failed_check_httpcode: u16,
-    #[serde(default)]
-    failed_check_error_message: Option<String>,
-}
+mod basic_auth;
+mod check_header;
+mod client_cert;
+mod ip_filter;
+mod jwt;
 
-fn default_code() -> u16 {
-    401
-}
+pub use basic_auth::{AuthenticationBasic, AuthenticationBasicConfig};
+pub use check_header::{CheckHeader, CheckHeaderConfig};
+pub use client_cert::{IdentityConfig, ValidateClientCertificate, ValidateClientCertificateConfig};
+pub use ip_filter::{AddressRange, IpFilter, IpFilterAction, IpFilterConfig};
+pub use jwt::{ClaimMatch, KeyConfig, RequiredClaim, ValidateJwt, ValidateJwtConfig};
 
-/// Refuses requests whose header is missing or not one of the allowed values.
-pub struct CheckHeader(CheckHeaderConfig);
-
-impl Policy for CheckHeader {
-    type Config = CheckHeaderConfig;
-
-    fn new(config: CheckHeaderConfig) -> Result<Self, String> {
-        if !(400..=599).contains(&config.failed_check_httpcode) {
-            return Err("failed_check_httpcode must be between 400 and 599".into());
-        }
-        Ok(CheckHeader(config))
+/// Answers with the gateway's JSON error shape; `extra` fields are added to the body.
+fn refuse(
+    ctx: &mut Context<'_, '_>,
+    status: u16,
+    code: &str,
+    message: &str,
+    extra: &[(&str, &str)],
+) -> Flow {
+    let mut body = serde_json::Map::new();
+    body.insert("statusCode".into(), Value::from(status));
+    body.insert("error".into(), Value::from(code));
+    body.insert("message".into(), Value::from(message));
+    for (k, v) in extra {
+        body.insert((*k).into(), Value::from(*v));
     }
-
-    fn on_request(&self, req: &mut Head<'_, '_>, ctx: &mut Context<'_, '_>) -> Flow {
-        let c = &self.0;
-        let ok = match req.header(&c.name) {
-            None => false,
-            Some(_) if c.values.is_empty() => true,
-            Some(v) => c.values.iter().any(|allowed| {
-                if c.ignore_case {
-                    allowed.as_bytes().eq_ignore_ascii_case(v)
-                } else {
-                    allowed.as_bytes() == v
-                }
-            }),
-        };
-        if ok {
-            return Flow::CONTINUE;
-        }
-        let message = c.failed_check_error_message.clone().unwrap_or_else(|| {
-            format!(
-                "Header '{}' is missing or has a value that is not allowed.",
-                c.name
-            )
-        });
-        let body = format!(
-            "{{\"statusCode\":{},\"error\":\"header_check_failed\",\"message\":{}}}",
-            c.failed_check_httpcode,
-            json_string(&message)
-        );
-        ctx.respond(c.failed_check_httpcode, body.as_bytes());
-        ctx.respond_header("content-type", b"application/json");
-        Flow::RESPOND
-    }
+    let body = serde_json::to_vec(&Value::Object(body)).unwrap_or_default();
+    ctx.respond(status, &body);
+    ctx.respond_header("content-type", b"application/json");
+    Flow::RESPOND
 }
 
-fn json_string(s: &str) -> String {
-    outpost_plugin_sdk::serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
+/// Checks a configured refusal status.
+fn check_status(field: &str, status: u16) -> Result<(), String> {
+    if (400..=599).contains(&status) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{field} must be between 400 and 599 (got {status})"
+        ))
+    }
 }
 
 export_plugin! {
@@ -81,38 +65,53 @@ export_plugin! {
     version: env!("CARGO_PKG_VERSION"),
     policies: [
         "check-header" => CheckHeader,
+        "ip-filter" => IpFilter,
+        "validate-jwt" => ValidateJwt,
+        "authentication-basic" => AuthenticationBasic,
+        "validate-client-certificate" => ValidateClientCertificate,
     ],
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use outpost_plugin_sdk::testing::{on_request, policy, TestContext, TestHead};
+mod readme {
+    //! Every ```json block of the README is one policy step this library builds.
+
+    use outpost_plugin_sdk::serde_json::{self, Value};
+    use outpost_plugin_sdk::testing::policy;
 
     #[test]
-    fn check_header_refuses_and_passes() {
-        let p = policy::<CheckHeader>(
-            r#"{"name":"x-client","values":["Alpha"],"ignore_case":true,"failed_check_httpcode":403}"#,
-        )
-        .unwrap();
-        let mut ctx = TestContext::default();
-        let mut ok = TestHead::request("GET", "/").with_header("X-Client", "alpha");
-        assert_eq!(on_request(&p, &mut ok, &mut ctx), Flow::CONTINUE);
-        let mut bad = TestHead::request("GET", "/").with_header("x-client", "beta");
-        assert_eq!(on_request(&p, &mut bad, &mut ctx), Flow::RESPOND);
-        let (status, headers, body) = ctx.response.clone().unwrap();
-        assert_eq!(status, 403);
-        assert_eq!(headers[0].0, "content-type");
-        assert!(String::from_utf8(body)
-            .unwrap()
-            .contains("header_check_failed"));
-    }
-
-    #[test]
-    fn check_header_bad_config() {
-        let e = policy::<CheckHeader>(r#"{"name":"x","failed_check_httpcode":200}"#)
-            .err()
-            .unwrap();
-        assert!(e.message.contains("400"), "{}", e.message);
+    fn readme_examples_build() {
+        let readme = include_str!("../README.md");
+        let mut seen = Vec::new();
+        for block in readme.split("```json").skip(1) {
+            let json = block.split("```").next().expect("closed block");
+            let step: Value = serde_json::from_str(json)
+                .unwrap_or_else(|e| panic!("README block is not JSON ({e}):\n{json}"));
+            let name = step["policy"].as_str().expect("policy name").to_owned();
+            let config = serde_json::to_string(&step["config"]).expect("config");
+            let built = match name.as_str() {
+                "check-header" => policy::<super::CheckHeader>(&config).map(drop),
+                "ip-filter" => policy::<super::IpFilter>(&config).map(drop),
+                "validate-jwt" => policy::<super::ValidateJwt>(&config).map(drop),
+                "authentication-basic" => policy::<super::AuthenticationBasic>(&config).map(drop),
+                "validate-client-certificate" => {
+                    policy::<super::ValidateClientCertificate>(&config).map(drop)
+                }
+                other => panic!("README shows an unknown policy '{other}'"),
+            };
+            if let Err(e) = built {
+                panic!("README example for {name} is refused: {}", e.message);
+            }
+            seen.push(name);
+        }
+        for p in [
+            "check-header",
+            "ip-filter",
+            "validate-jwt",
+            "authentication-basic",
+            "validate-client-certificate",
+        ] {
+            assert!(seen.iter().any(|s| s == p), "README has no example for {p}");
+        }
     }
 }
