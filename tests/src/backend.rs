@@ -5,8 +5,8 @@
 //! Routes (by path suffix, so any API prefix or base path works):
 //! * `…/echo…`           JSON: method, uri, version, headers, body length
 //! * `…/status/{code}`   an empty answer with that status
-//! * `…/flaky/{n}`       503 for this backend's first `n` flaky requests, then the echo answer
-//!                       (JSON with `attempt` and the body received)
+//! * `…/flaky/{n}`       503 for the backend's first `n` flaky requests, then JSON with
+//!   `attempt` and the body received
 //! * `…/slow/{ms}`       waits, then answers `slow`
 //! * `…/bytes/{n}`       streams `n` bytes in 64 KiB chunks
 //! * `…/upload`          counts the body (visible live through [`Backend::received`])

@@ -67,6 +67,7 @@ mod policy;
 pub mod runtime;
 mod sink;
 mod store;
+pub mod template;
 pub mod testing;
 
 pub use cache::{Cache, Reply};

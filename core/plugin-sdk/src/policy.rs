@@ -63,7 +63,7 @@ impl<'h, 'a> Head<'h, 'a> {
         self.inner.path().into()
     }
 
-    /// Query string without `?`.
+    /// Query string without `?`: the one a policy set, when an earlier step did.
     pub fn query(&self) -> &str {
         self.inner.query().into()
     }

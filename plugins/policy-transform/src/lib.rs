@@ -1,143 +1,71 @@
-//! Transformation and routing policies, as APIM names them:
+//! Transformation and routing policies, with the names and semantics of Azure API
+//! Management's: headers, query parameters, the URI, the backend, the method, the status, the
+//! body, local answers, CORS, retries and variables. README.md documents every policy and
+//! field.
 //!
-//! * `set-header` — `{"name": "x-env", "value": "prod", "exists_action": "override"}`
-//!   (`override` (default), `skip`, `append`, `delete`). On the request in inbound/backend
-//!   sections, on the response in outbound.
-//! * `return-response` — `{"status": 200, "body": "…", "headers": {"content-type": "…"}}`:
-//!   answers without calling the backend.
+//! | Policy | Module |
+//! |---|---|
+//! | `set-header` | [`header`] |
+//! | `set-query-parameter` | [`query`] |
+//! | `rewrite-uri` | [`rewrite`] |
+//! | `set-backend-service` | [`backend`] |
+//! | `set-method`, `set-status`, `set-body` | [`message`] |
+//! | `find-and-replace` | [`replace`] |
+//! | `return-response`, `mock-response` | [`respond`] |
+//! | `cors` | [`cors`] |
+//! | `retry` | [`retry`] |
+//! | `set-variable` | [`variable`] |
 
-use std::collections::BTreeMap;
+use outpost_plugin_sdk::{export_plugin, Context, Flow};
 
-use outpost_plugin_sdk::serde::Deserialize;
-use outpost_plugin_sdk::{export_plugin, Context, Flow, Head, Policy};
+pub mod backend;
+pub mod cors;
+pub mod header;
+pub mod message;
+pub mod query;
+pub mod replace;
+pub mod respond;
+pub mod retry;
+pub mod rewrite;
+mod text;
+pub mod variable;
 
-/// What `set-header` does when the header exists.
-#[derive(Deserialize, Default, Clone, Copy, PartialEq, Eq)]
-#[serde(crate = "outpost_plugin_sdk::serde", rename_all = "snake_case")]
-pub enum ExistsAction {
-    /// Replace it (or add it).
-    #[default]
-    Override,
-    /// Leave an existing header alone; add it when absent.
-    Skip,
-    /// Add another value.
-    Append,
-    /// Remove it.
-    Delete,
+pub use backend::SetBackendService;
+pub use cors::Cors;
+pub use header::SetHeader;
+pub use message::{SetBody, SetMethod, SetStatus};
+pub use query::SetQueryParameter;
+pub use replace::FindAndReplace;
+pub use respond::{MockResponse, ReturnResponse};
+pub use retry::Retry;
+pub use rewrite::RewriteUri;
+pub use variable::SetVariable;
+
+/// The default for `max_body_bytes` of the policies that read a body: 1 MiB.
+pub const DEFAULT_MAX_BODY_BYTES: u64 = 1024 * 1024;
+
+/// Whether `s` is an HTTP token (RFC 9110 §5.6.2): header names, methods.
+pub(crate) fn is_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
-/// `set-header` configuration.
-#[derive(Deserialize)]
-#[serde(crate = "outpost_plugin_sdk::serde", deny_unknown_fields)]
-pub struct SetHeaderConfig {
-    name: String,
-    #[serde(default)]
-    value: Option<String>,
-    #[serde(default)]
-    exists_action: ExistsAction,
+/// Whether `s` may be sent as a header value: no control characters but tab.
+pub(crate) fn is_header_value(s: &str) -> bool {
+    s.bytes().all(|b| b == b'\t' || (b >= 0x20 && b != 0x7f))
 }
 
-/// Sets, appends or removes a header.
-pub struct SetHeader(SetHeaderConfig);
-
-impl SetHeader {
-    fn apply(&self, head: &mut Head<'_, '_>) -> Flow {
-        let c = &self.0;
-        let value = c.value.as_deref().unwrap_or_default().as_bytes();
-        match c.exists_action {
-            ExistsAction::Override => {
-                head.set_header(&c.name, value);
-            }
-            ExistsAction::Skip => {
-                if head.header(&c.name).is_none() {
-                    head.set_header(&c.name, value);
-                }
-            }
-            ExistsAction::Append => {
-                head.append_header(&c.name, value);
-            }
-            ExistsAction::Delete => {
-                head.remove_header(&c.name);
-            }
-        }
-        Flow::CONTINUE
-    }
+/// Records why the request fails and sends it to the on-error section (without an answer
+/// there, the gateway answers 500 `policy_failed`).
+pub(crate) fn fail(ctx: &mut Context<'_, '_>, message: &str) -> Flow {
+    ctx.set_error(message);
+    Flow::ERROR
 }
 
-impl Policy for SetHeader {
-    type Config = SetHeaderConfig;
-
-    fn new(config: SetHeaderConfig) -> Result<Self, String> {
-        if config.name.is_empty()
-            || !config
-                .name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
-        {
-            return Err(format!("'{}' is not a valid header name", config.name));
-        }
-        if config.exists_action != ExistsAction::Delete && config.value.is_none() {
-            return Err("`value` is required unless exists_action is \"delete\"".into());
-        }
-        Ok(SetHeader(config))
-    }
-
-    fn on_request(&self, req: &mut Head<'_, '_>, _: &mut Context<'_, '_>) -> Flow {
-        self.apply(req)
-    }
-
-    fn on_response(&self, resp: &mut Head<'_, '_>, _: &mut Context<'_, '_>) -> Flow {
-        self.apply(resp)
-    }
-}
-
-
-/// `return-response` configuration.
-#[derive(Deserialize)]
-#[serde(crate = "outpost_plugin_sdk::serde", deny_unknown_fields)]
-pub struct ReturnResponseConfig {
-    #[serde(default = "default_status")]
-    status: u16,
-    #[serde(default)]
-    body: String,
-    #[serde(default)]
-    headers: BTreeMap<String, String>,
-}
-
-fn default_status() -> u16 {
-    200
-}
-
-/// Answers without calling the backend.
-pub struct ReturnResponse(ReturnResponseConfig);
-
-impl Policy for ReturnResponse {
-    type Config = ReturnResponseConfig;
-
-    fn new(config: ReturnResponseConfig) -> Result<Self, String> {
-        if !(100..=599).contains(&config.status) {
-            return Err(format!("status {} is not an HTTP status", config.status));
-        }
-        Ok(ReturnResponse(config))
-    }
-
-    fn on_request(&self, _: &mut Head<'_, '_>, ctx: &mut Context<'_, '_>) -> Flow {
-        self.respond(ctx)
-    }
-
-    fn on_response(&self, _: &mut Head<'_, '_>, ctx: &mut Context<'_, '_>) -> Flow {
-        self.respond(ctx)
-    }
-}
-
-impl ReturnResponse {
-    fn respond(&self, ctx: &mut Context<'_, '_>) -> Flow {
-        ctx.respond(self.0.status, self.0.body.as_bytes());
-        for (k, v) in &self.0.headers {
-            ctx.respond_header(k, v.as_bytes());
-        }
-        Flow::RESPOND
-    }
+/// Serde default `true`.
+pub(crate) fn yes() -> bool {
+    true
 }
 
 export_plugin! {
@@ -146,65 +74,98 @@ export_plugin! {
     policies: [
         "set-header" => SetHeader,
         "return-response" => ReturnResponse,
+        "set-query-parameter" => SetQueryParameter,
+        "rewrite-uri" => RewriteUri,
+        "set-backend-service" => SetBackendService,
+        "set-method" => SetMethod,
+        "set-status" => SetStatus,
+        "set-body" => SetBody,
+        "find-and-replace" => FindAndReplace,
+        "mock-response" => MockResponse,
+        "cors" => Cors,
+        "retry" => Retry,
+        "set-variable" => SetVariable,
     ],
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use outpost_plugin_sdk::testing::{on_request, on_response, policy, TestContext, TestHead};
+    use outpost_plugin_sdk::api::PolicyBox;
+    use outpost_plugin_sdk::serde_json::{self, Value};
+    use outpost_plugin_sdk::testing::policy;
 
+    fn build(name: &str, config: &str) -> Result<PolicyBox, String> {
+        let built = match name {
+            "set-header" => policy::<SetHeader>(config),
+            "set-query-parameter" => policy::<SetQueryParameter>(config),
+            "rewrite-uri" => policy::<RewriteUri>(config),
+            "set-backend-service" => policy::<SetBackendService>(config),
+            "set-method" => policy::<SetMethod>(config),
+            "set-status" => policy::<SetStatus>(config),
+            "set-body" => policy::<SetBody>(config),
+            "find-and-replace" => policy::<FindAndReplace>(config),
+            "return-response" => policy::<ReturnResponse>(config),
+            "mock-response" => policy::<MockResponse>(config),
+            "cors" => policy::<Cors>(config),
+            "retry" => policy::<Retry>(config),
+            "set-variable" => policy::<SetVariable>(config),
+            other => return Err(format!("README names unknown policy '{other}'")),
+        };
+        built.map_err(|e| e.message.into_string())
+    }
+
+    /// Every ```json block of the README is one policy step this library builds, and every
+    /// policy the library exports has one.
     #[test]
-    fn set_header_actions() {
-        let p = policy::<SetHeader>(r#"{"name":"x-env","value":"prod"}"#).unwrap();
-        let mut req = TestHead::request("GET", "/").with_header("x-env", "dev");
-        assert_eq!(
-            on_request(&p, &mut req, &mut TestContext::default()),
-            Flow::CONTINUE
-        );
-        assert_eq!(req.header_str("x-env"), Some("prod"));
-
-        let p = policy::<SetHeader>(r#"{"name":"x-env","value":"prod","exists_action":"skip"}"#)
-            .unwrap();
-        let mut req = TestHead::request("GET", "/").with_header("x-env", "dev");
-        on_request(&p, &mut req, &mut TestContext::default());
-        assert_eq!(req.header_str("x-env"), Some("dev"));
-
-        let p = policy::<SetHeader>(r#"{"name":"server","exists_action":"delete"}"#).unwrap();
-        let mut resp = TestHead::response(200).with_header("server", "x");
-        on_response(&p, &mut resp, &mut TestContext::default());
-        assert_eq!(resp.header_str("server"), None);
+    fn readme_examples_are_valid_steps() {
+        let readme = include_str!("../README.md");
+        let mut seen = Vec::new();
+        let mut rest = readme;
+        while let Some(start) = rest.find("```json\n") {
+            let after = &rest[start + "```json\n".len()..];
+            let end = after.find("```").expect("closed block");
+            let step: Value = serde_json::from_str(&after[..end])
+                .unwrap_or_else(|e| panic!("{e}: {}", &after[..end]));
+            let obj = step.as_object().expect("a step object");
+            assert!(obj.keys().all(|k| k == "policy" || k == "config"), "{step}");
+            let name = step["policy"].as_str().expect("policy name");
+            let config = step.get("config").cloned().unwrap_or(Value::Null);
+            build(name, &config.to_string()).unwrap_or_else(|e| panic!("{name}: {e}"));
+            seen.push(name.to_owned());
+            rest = &after[end + 3..];
+        }
+        for name in [
+            "set-header",
+            "set-query-parameter",
+            "rewrite-uri",
+            "set-backend-service",
+            "set-method",
+            "set-status",
+            "set-body",
+            "find-and-replace",
+            "return-response",
+            "mock-response",
+            "cors",
+            "retry",
+            "set-variable",
+        ] {
+            assert_eq!(
+                seen.iter().filter(|s| *s == name).count(),
+                1,
+                "one README example for {name}"
+            );
+        }
     }
 
     #[test]
-    fn bad_configs_are_refused_with_a_reason() {
-        let e = policy::<SetHeader>(r#"{"name":"bad name","value":"x"}"#)
-            .err()
-            .unwrap();
-        assert!(
-            e.message.contains("not a valid header name"),
-            "{}",
-            e.message
-        );
-        let e = policy::<SetHeader>(r#"{"name":"x"}"#).err().unwrap();
-        assert!(e.message.contains("value"), "{}", e.message);
-        let e = policy::<SetHeader>(r#"{"name":"x","value":"y","colour":1}"#)
-            .err()
-            .unwrap();
-        assert!(e.message.contains("colour"), "{}", e.message);
-    }
-
-    #[test]
-    fn return_response_answers() {
-        let p = policy::<ReturnResponse>(
-            r#"{"status":418,"body":"teapot","headers":{"x-why":"because"}}"#,
-        )
-        .unwrap();
-        let mut ctx = TestContext::default();
-        let mut req = TestHead::request("GET", "/");
-        assert_eq!(on_request(&p, &mut req, &mut ctx), Flow::RESPOND);
-        let (status, headers, body) = ctx.response.unwrap();
-        assert_eq!((status, body.as_slice()), (418, &b"teapot"[..]));
-        assert_eq!(headers, vec![("x-why".to_string(), b"because".to_vec())]);
+    fn tokens_and_values() {
+        assert!(is_token("x-env"));
+        assert!(is_token("PATCH"));
+        assert!(!is_token(""));
+        assert!(!is_token("bad name"));
+        assert!(!is_token("a:b"));
+        assert!(is_header_value("a\tb ü"));
+        assert!(!is_header_value("a\r\nb"));
     }
 }

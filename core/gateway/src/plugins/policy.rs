@@ -777,7 +777,15 @@ impl api::HttpHead for Msg<'_> {
     }
     fn query(&self) -> RStr<'_> {
         match self {
-            Msg::Request(p) => p.uri.query().unwrap_or_default().into(),
+            // The query a policy set, so steps in a row build on each other.
+            Msg::Request(p) => match p
+                .extensions
+                .get::<BackendRewrite>()
+                .and_then(|r| r.query.as_deref())
+            {
+                Some(q) => q.into(),
+                None => p.uri.query().unwrap_or_default().into(),
+            },
             Msg::Response(_) => "".into(),
         }
     }
