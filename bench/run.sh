@@ -203,6 +203,45 @@ path = \"$FIXTURES\""
   else
     echo "bench: $FIXTURES missing (cargo build --release -p outpost-fixture-policies); skipping the policy variant" >&2
   fi
+  # A realistic chain: subscription key, rate-limit-by-key counted in the memory cache,
+  # set-header and cors (the request carries an Origin, so cors adds its headers).
+  PLUGIN_DIR=$(dirname "$OUTPOST_BIN")
+  if [[ -f $PLUGIN_DIR/liboutpost_policy_limits.so && -f $PLUGIN_DIR/liboutpost_policy_transform.so && -f $PLUGIN_DIR/liboutpost_cache_memory.so ]]; then
+    cat >"$TMP/api-chain.json" <<EOF
+{
+  "backends": [{"id": "backend", "urls": ["http://127.0.0.1:$BACKEND_PORT"]}],
+  "apis": [{
+    "id": "bench", "path": "/bench", "backend": "backend", "subscription_required": true,
+    "policies": {
+      "inbound": [
+        {"policy": "cors", "config": {"allowed_origins": ["https://app.example"]}},
+        {"policy": "rate-limit-by-key", "config": {"calls": 1000000000, "renewal_period": 60, "counter_key": "{subscription.id}"}},
+        {"policy": "set-header", "config": {"name": "x-gateway", "value": "outpost"}}
+      ]
+    },
+    "operations": [{"id": "all", "method": "*", "url_template": "/*"}]
+  }],
+  "subscriptions": [{"id": "bench", "scope": {"type": "all"}, "primary_key": "bench-key-0123456789"}]
+}
+EOF
+    start_outpost outpost-chain "$TMP/api-chain.json" "[[plugins]]
+name = \"limits\"
+path = \"$PLUGIN_DIR/liboutpost_policy_limits.so\"
+
+[[plugins]]
+name = \"transform\"
+path = \"$PLUGIN_DIR/liboutpost_policy_transform.so\"
+
+[[plugins]]
+name = \"memory\"
+path = \"$PLUGIN_DIR/liboutpost_cache_memory.so\"
+
+[[caches]]
+name = \"local\"
+provider = \"cache-memory\""
+  else
+    echo "bench: policy-limits, policy-transform or cache-memory missing next to $OUTPOST_BIN; skipping the chain variant" >&2
+  fi
   # The plain API with a telemetry sink: a record per request through the bounded queue to the
   # access-log plugin, which writes JSON lines to /dev/null (the cost of telemetry itself).
   ACCESS_LOG=${OUTPOST_ACCESS_LOG:-$(dirname "$OUTPOST_BIN")/liboutpost_sink_access_log.so}
@@ -244,7 +283,9 @@ to_ms() {
     printf "%.3f", n * f }'
 }
 
-WRK=(taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNECTIONS" --latency)
+# Every request carries a subscription key and an Origin: only the chain variant uses them.
+REQ_HEADERS=(-H "Ocp-Apim-Subscription-Key: bench-key-0123456789" -H "Origin: https://app.example")
+WRK=(taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNECTIONS" --latency "${REQ_HEADERS[@]}")
 declare -A RPS P50 P99 CPU_US CPU_PCT ERRORS
 FAILED=()
 
@@ -310,7 +351,7 @@ measure_proxy() {
 for size in "${SIZES[@]}"; do
   for name in "${VARIANTS[@]}"; do
     # A wrong route would still be "fast"; check status and body size first.
-    got=$(curl -fsS -o /dev/null -w '%{size_download}' "http://127.0.0.1:${PORT[$name]}/bench/$size") ||
+    got=$(curl -fsS "${REQ_HEADERS[@]}" -o /dev/null -w '%{size_download}' "http://127.0.0.1:${PORT[$name]}/bench/$size") ||
       die "$name: GET /bench/$size failed"
     [[ $got == "${SIZE_BYTES[$size]}" ]] || die "$name: /bench/$size returned $got bytes, expected ${SIZE_BYTES[$size]}"
   done

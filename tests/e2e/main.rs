@@ -2,11 +2,13 @@
 
 mod access;
 mod caching;
+mod host_props;
 mod host_work;
 mod lifecycle;
 mod limits;
 mod plane;
 mod plugins;
+mod policy_docs;
 mod policy_limits;
 mod protocols;
 mod replicas;
