@@ -47,15 +47,33 @@ async fn policies_choose_the_backend_by_id_or_url() {
         &a.url(false),
         &b.url(false),
         json!([
-            op("by-id", "GET", "/by-id/echo", json!([set("outpost.backend", "b")])),
+            op(
+                "by-id",
+                "GET",
+                "/by-id/echo",
+                json!([set("outpost.backend", "b")])
+            ),
             op(
                 "by-url",
                 "GET",
                 "/by-url/echo",
-                json!([set("outpost.backend-url", &format!("{}/base", b.url(false)))])
+                json!([set(
+                    "outpost.backend-url",
+                    &format!("{}/base", b.url(false))
+                )])
             ),
-            op("unknown", "GET", "/unknown/echo", json!([set("outpost.backend", "zzz")])),
-            op("bad-url", "GET", "/bad-url/echo", json!([set("outpost.backend-url", "ftp://x")])),
+            op(
+                "unknown",
+                "GET",
+                "/unknown/echo",
+                json!([set("outpost.backend", "zzz")])
+            ),
+            op(
+                "bad-url",
+                "GET",
+                "/bad-url/echo",
+                json!([set("outpost.backend-url", "ftp://x")])
+            ),
             op("plain", "GET", "/plain/echo", json!([])),
         ]),
     ));
@@ -82,7 +100,10 @@ async fn policies_choose_the_backend_by_id_or_url() {
     )
     .await;
     assert!(
-        body["message"].as_str().unwrap().contains("no backend 'zzz'"),
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("no backend 'zzz'"),
         "{body}"
     );
     let body = assert_error(
@@ -135,7 +156,10 @@ async fn retries_follow_the_rule_and_resend_the_same_body() {
                 "dead",
                 "GET",
                 "/dead",
-                json!([set("outpost.backend", "b"), set("outpost.retry", &rule(2, json!([])))])
+                json!([
+                    set("outpost.backend", "b"),
+                    set("outpost.retry", &rule(2, json!([])))
+                ])
             ),
             op(
                 "bad",
@@ -215,14 +239,19 @@ async fn response_headers_reach_every_answer() {
                 "ok",
                 "GET",
                 "/ok/echo",
-                json!([set("outpost.response-header.x-added", "yes"),
-                       set("outpost.response-header.bad header", "ignored")])
+                json!([
+                    set("outpost.response-header.x-added", "yes"),
+                    set("outpost.response-header.bad header", "ignored")
+                ])
             ),
             op(
                 "down",
                 "GET",
                 "/down",
-                json!([set("outpost.response-header.x-added", "also"), set("outpost.backend", "b")])
+                json!([
+                    set("outpost.response-header.x-added", "also"),
+                    set("outpost.backend", "b")
+                ])
             ),
             op(
                 "readonly",

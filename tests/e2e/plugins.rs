@@ -261,10 +261,7 @@ sha256 = "{zeros}"
         out.contains("basic: policy-transform 0.1.0 (api level 2, kinds: policy)"),
         "{out}"
     );
-    assert!(
-        out.contains("set-header, return-response"),
-        "{out}"
-    );
+    assert!(out.contains("set-header, return-response"), "{out}");
 }
 
 #[tokio::test]

@@ -100,9 +100,15 @@ fn every_policy_example_in_the_readmes_validates() {
         }
         let wanted = exported(&listing, lib);
         let missing: Vec<_> = wanted.difference(&documented).collect();
-        assert!(missing.is_empty(), "{krate}: no README example for {missing:?}");
+        assert!(
+            missing.is_empty(),
+            "{krate}: no README example for {missing:?}"
+        );
         let unknown: Vec<_> = documented.difference(&wanted).collect();
-        assert!(unknown.is_empty(), "{krate}: README examples of unknown policies {unknown:?}");
+        assert!(
+            unknown.is_empty(),
+            "{krate}: README examples of unknown policies {unknown:?}"
+        );
 
         // Each example on its own operation, so a failure names it.
         let operations: Vec<Value> = steps
