@@ -17,13 +17,7 @@ RUN apt-get update \
  && chown -R outpost /var/lib/outpost
 COPY --from=build /src/target/release/outpost /usr/local/bin/outpost
 # First-party plugins; add your own here (or mount them) and list them in the manifest.
-COPY --from=build /src/target/release/liboutpost_policy_transform.so \
-     /src/target/release/liboutpost_cache_memory.so \
-     /src/target/release/liboutpost_sink_access_log.so \
-     /src/target/release/liboutpost_store_fs.so \
-     /src/target/release/liboutpost_store_sqlite.so \
-     /src/target/release/liboutpost_store_redis.so \
-     /usr/lib/outpost/plugins/
+COPY --from=build /src/target/release/plugins/ /usr/lib/outpost/plugins/
 COPY examples/docker/ /etc/outpost/
 USER 10001
 EXPOSE 8080 8081

@@ -6,29 +6,57 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-cargo build --release --locked -p outpost -p outpost-policy-transform -p outpost-cache-memory -p outpost-sink-access-log \
-    -p outpost-store-fs -p outpost-store-sqlite -p outpost-store-redis
+# Every first-party plugin library the image ships (crate names); the image copies the staged
+# directory target/release/plugins/, so this list is the only one.
+PLUGINS=(
+    outpost-policy-transform outpost-policy-access outpost-policy-limits outpost-policy-caching
+    outpost-cache-memory outpost-cache-redis outpost-sink-access-log
+    outpost-store-fs outpost-store-sqlite outpost-store-redis
+)
+packages=(-p outpost)
+for crate in "${PLUGINS[@]}"; do packages+=(-p "$crate"); done
+cargo build --release --locked "${packages[@]}"
 
 bin=target/release/outpost
 "$bin" --version
 "$bin" check --manifest examples/quickstart/outpost.toml
 "$bin" check --manifest examples/docker/outpost.toml
 
-plugin_dir=$(mktemp -d)
-trap 'rm -rf "$plugin_dir"' EXIT
-cp target/release/liboutpost_policy_transform.so target/release/liboutpost_cache_memory.so \
-    target/release/liboutpost_sink_access_log.so target/release/liboutpost_store_fs.so \
-    target/release/liboutpost_store_sqlite.so target/release/liboutpost_store_redis.so "$plugin_dir/"
-cat >"$plugin_dir/check.toml" <<EOF
+# The image's plugin directory, staged: target/release/plugins/ holds exactly the libraries above.
+plugin_dir=target/release/plugins
+rm -rf "$plugin_dir"
+mkdir -p "$plugin_dir"
+for crate in "${PLUGINS[@]}"; do
+    cp "target/release/lib${crate//-/_}.so" "$plugin_dir/"
+done
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+cat >"$work/check.toml" <<EOF
 [runtime]
-plugin_dir = "$plugin_dir"
+plugin_dir = "$PWD/$plugin_dir"
 
 [[listeners]]
 name = "http"
 address = "127.0.0.1:0"
 
 [[plugins]]
-name = "basic"
+name = "access-policies"
+library = "outpost_policy_access"
+
+[[plugins]]
+name = "limits"
+library = "outpost_policy_limits"
+
+[[plugins]]
+name = "caching"
+library = "outpost_policy_caching"
+
+[[plugins]]
+name = "redis-cache"
+library = "outpost_cache_redis"
+
+[[plugins]]
+name = "transform"
 library = "outpost_policy_transform"
 
 [[plugins]]
@@ -53,11 +81,17 @@ library = "outpost_store_redis"
 
 [backup]
 store = "fs"
-config = { dir = "$plugin_dir/backup" }
+config = { dir = "$work/backup" }
 
 [[caches]]
 name = "local"
 provider = "cache-memory"
+
+# Connections open on first use: checking needs no Redis.
+[[caches]]
+name = "shared"
+provider = "cache-redis"
+config = { url = "redis://127.0.0.1:6379" }
 
 [[telemetry.sinks]]
 name = "access"
@@ -68,5 +102,10 @@ config = { path = "-" }
 type = "file"
 path = "$PWD/examples/docker/api.json"
 EOF
-"$bin" plugins --manifest "$plugin_dir/check.toml"
-"$bin" check --manifest "$plugin_dir/check.toml"
+"$bin" plugins --manifest "$work/check.toml"
+"$bin" check --manifest "$work/check.toml"
+# Every staged library is loaded by the check manifest.
+for lib in "$plugin_dir"/*.so; do
+    name=$(basename "$lib" .so)
+    grep -q "library = \"${name#lib}\"" "$work/check.toml" || { echo "build-release: $name is not checked" >&2; exit 1; }
+done

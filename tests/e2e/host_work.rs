@@ -667,3 +667,77 @@ async fn host_work_misuse_and_reserved_names_fail_only_the_request() {
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["uri"], "/echo?x=1");
 }
+
+#[tokio::test]
+async fn gateway_gauges_reach_sinks_computed_at_each_snapshot() {
+    let backend = Backend::start().await;
+    let logs = tempfile::tempdir().unwrap();
+    let log = logs.path().join("access.jsonl");
+    let extra = format!(
+        "[telemetry]\nflush_interval_ms = 50\nmetrics_interval_ms = 100\n\n\
+         [[telemetry.sinks]]\nname = \"access\"\nprovider = \"access-log\"\nconfig = {{ path = \"{}\", metrics = true }}\n",
+        log.display()
+    );
+    let ops = json!([op("slow", "GET", "/slow/{ms}", json!([]), json!([]))]);
+    let gw = Gateway::start(GatewaySpec {
+        manifest: manifest(&extra),
+        api: api(&backend.url(false), ops),
+        files: Vec::new(),
+        watch_ms: 100,
+    });
+    let c = client();
+    // Two requests held by the backend: the in-flight gauge sees them.
+    let url = gw.url("/svc/slow/1500");
+    let held: Vec<_> = (0..2).map(|_| tokio::spawn(c.get(&url).send())).collect();
+    let mut seen_in_flight = 0.0_f64;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if let Some(v) = lines(&log)
+            .iter()
+            .rev()
+            .find(|l| l["metric"] == "outpost_requests_in_flight")
+            .and_then(|l| l["value"].as_f64())
+        {
+            seen_in_flight = seen_in_flight.max(v);
+            if v >= 2.0 {
+                break;
+            }
+        }
+    }
+    assert_eq!(seen_in_flight, 2.0);
+    for h in held {
+        assert_eq!(h.await.unwrap().unwrap().status(), 200);
+    }
+    // Back to zero once answered; the configuration is described by its version and source.
+    let mut last = Vec::new();
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        last = lines(&log);
+        let in_flight = last
+            .iter()
+            .rev()
+            .find(|l| l["metric"] == "outpost_requests_in_flight")
+            .and_then(|l| l["value"].as_f64());
+        if in_flight == Some(0.0) {
+            break;
+        }
+    }
+    assert_eq!(
+        metric(&last, "outpost_config_info", ("version", "w1")),
+        Some(1.0),
+        "{last:?}"
+    );
+    let info = last
+        .iter()
+        .rev()
+        .find(|l| l["metric"] == "outpost_config_info")
+        .unwrap();
+    assert_eq!(info["labels"]["source"], "file");
+    let age = last
+        .iter()
+        .rev()
+        .find(|l| l["metric"] == "outpost_config_age_seconds")
+        .and_then(|l| l["value"].as_f64())
+        .expect("config age");
+    assert!((0.0..600.0).contains(&age), "{age}");
+}

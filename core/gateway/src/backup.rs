@@ -9,7 +9,7 @@
 //! reported (log and `outpost_backup_corrupt_total`) and the next older one is tried.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use abi_stable::std_types::RResult;
 use outpost_config::Manifest;
@@ -81,11 +81,7 @@ impl std::fmt::Debug for Backup {
     }
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+use crate::telemetry::unix_ms as now_ms;
 
 fn corrupt_counter() -> Counter {
     Counter::define(

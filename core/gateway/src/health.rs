@@ -44,9 +44,7 @@ pub fn answer(shared: &Shared, path: &str) -> Option<Response<ResponseBody>> {
                         ..
                     } = &s.origin
                     {
-                        let now = std::time::SystemTime::now()
-                            .duration_since(std::time::UNIX_EPOCH)
-                            .map_or(0, |d| d.as_millis() as u64);
+                        let now = crate::telemetry::unix_ms();
                         json["backupGeneration"] = (*generation).into();
                         json["backupAgeSeconds"] =
                             (now.saturating_sub(*saved_unix_ms) / 1000).into();

@@ -158,11 +158,7 @@ async fn from_backup(
                 ..
             } = &s.origin
             {
-                let age_s = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_millis() as u64)
-                    .saturating_sub(*saved_unix_ms)
-                    / 1000;
+                let age_s = telemetry::unix_ms().saturating_sub(*saved_unix_ms) / 1000;
                 tracing::warn!(
                     source = "backup",
                     store = %backup.name,

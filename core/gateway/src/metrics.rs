@@ -30,11 +30,23 @@ pub struct Def {
     series: Mutex<HashMap<Box<[String]>, f64>>,
 }
 
+/// Sets gauges whose value is computed when a snapshot is taken.
+type Observer = Box<dyn Fn(&Registry) + Send + Sync>;
+
 /// Every metric of the process.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Registry {
     defs: ArcSwap<Vec<Arc<Def>>>,
     define: Mutex<()>,
+    observer: Mutex<Option<Observer>>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("defs", &self.defs.load().len())
+            .finish_non_exhaustive()
+    }
 }
 
 /// One series' current value, owned (for snapshots).
@@ -176,8 +188,29 @@ impl Registry {
         }
     }
 
+    /// Removes every series of a labelled metric (an info metric whose labels changed).
+    pub fn clear(&self, id: u32) {
+        if let Some(d) = self.defs.load().get(id.wrapping_sub(1) as usize) {
+            d.series.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        }
+    }
+
+    /// Sets the function that refreshes computed gauges before every snapshot (replacing
+    /// the previous one).
+    pub fn observe(&self, f: impl Fn(&Registry) + Send + Sync + 'static) {
+        *self.observer.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(f));
+    }
+
     /// Every series' current value (metrics without labels always have one series).
     pub fn snapshot(&self) -> Vec<Sample> {
+        if let Some(f) = self
+            .observer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            f(self);
+        }
         let mut out = Vec::new();
         for d in self.defs.load().iter() {
             if d.labels.is_empty() {
@@ -257,8 +290,42 @@ pub mod gateway {
             *CONFIG_REJECTED,
             *CONFIG_SYNC_ERRORS,
             *CONFIG_FROM_BACKUP,
+            *CONFIG_INFO,
+            *CONFIG_AGE,
+            *IN_FLIGHT,
         );
     }
+
+    fn gauge(name: &str, help: &str, labels: &[&str]) -> u32 {
+        super::global()
+            .define(name, help, outpost_plugin_api::metric::GAUGE, labels)
+            .expect("the gateway's own metric definitions are valid")
+    }
+
+    /// 1 for the configuration being served, labelled with its version and source.
+    pub static CONFIG_INFO: LazyLock<u32> = LazyLock::new(|| {
+        gauge(
+            "outpost_config_info",
+            "The configuration being served: always 1, labelled with its version and source (file, live, backup).",
+            &["version", "source"],
+        )
+    });
+    /// Age of the configuration being served.
+    pub static CONFIG_AGE: LazyLock<u32> = LazyLock::new(|| {
+        gauge(
+            "outpost_config_age_seconds",
+            "Seconds since the configuration being served was applied (for a backup, since it was saved).",
+            &[],
+        )
+    });
+    /// Requests being handled.
+    pub static IN_FLIGHT: LazyLock<u32> = LazyLock::new(|| {
+        gauge(
+            "outpost_requests_in_flight",
+            "Requests received whose response head has not been sent yet.",
+            &[],
+        )
+    });
 
     /// Configurations refused (invalid, not building, not verifying), by source.
     pub static CONFIG_REJECTED: LazyLock<Counter> = LazyLock::new(|| {
@@ -325,6 +392,32 @@ pub mod gateway {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn computed_gauges_are_refreshed_at_snapshot_and_info_series_replaced() {
+        let r = Registry::default();
+        let g = r.define("g", "G.", metric::GAUGE, &[]).expect("valid");
+        let info = r
+            .define("i", "I.", metric::GAUGE, &["version"])
+            .expect("valid");
+        let source = Arc::new(AtomicU64::new(7));
+        let s = source.clone();
+        r.observe(move |r| r.set(g, &[], s.load(Ordering::Relaxed) as f64));
+        assert_eq!(r.value("g", &[]), Some(7.0));
+        source.store(9, Ordering::Relaxed);
+        assert_eq!(r.value("g", &[]), Some(9.0));
+
+        r.set(info, &["v1"], 1.0);
+        r.clear(info);
+        r.set(info, &["v2"], 1.0);
+        let series: Vec<_> = r
+            .snapshot()
+            .into_iter()
+            .filter(|s| s.def.name == "i")
+            .map(|s| s.label_values.to_vec())
+            .collect();
+        assert_eq!(series, vec![vec!["v2".to_string()]]);
+    }
 
     #[test]
     fn definitions_are_checked_and_idempotent() {

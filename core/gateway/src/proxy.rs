@@ -61,6 +61,34 @@ pub struct Shared {
     pub applied: tokio::sync::watch::Sender<Option<Arc<Snapshot>>>,
     /// Requests served since start (heartbeats report it).
     pub requests: std::sync::atomic::AtomicU64,
+    /// Requests whose response head is not sent yet, and when the configuration served was
+    /// made (Unix ms): read when metrics are taken, not on the request path.
+    pub gauges: Arc<Gauges>,
+}
+
+/// Values the metric gauges are computed from when a snapshot is taken.
+#[derive(Debug, Default)]
+pub struct Gauges {
+    /// Requests in flight.
+    pub in_flight: std::sync::atomic::AtomicI64,
+    /// When the configuration served was applied, or saved for a backup (Unix ms; 0: none).
+    pub config_since_ms: std::sync::atomic::AtomicU64,
+}
+
+/// Counts a request in flight until dropped.
+struct InFlight<'a>(&'a Gauges);
+
+impl<'a> InFlight<'a> {
+    fn enter(g: &'a Gauges) -> Self {
+        g.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(g)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Shared {
@@ -84,6 +112,21 @@ impl Shared {
             telemetry,
             applied: tokio::sync::watch::Sender::new(None),
             requests: std::sync::atomic::AtomicU64::new(0),
+            gauges: {
+                let gauges = Arc::new(Gauges::default());
+                let g = Arc::downgrade(&gauges);
+                crate::metrics::global().observe(move |r| {
+                    let Some(g) = g.upgrade() else { return };
+                    use crate::metrics::gateway::{CONFIG_AGE, IN_FLIGHT};
+                    r.set(*IN_FLIGHT, &[], g.in_flight.load(Ordering::Relaxed) as f64);
+                    let since = g.config_since_ms.load(Ordering::Relaxed);
+                    if since > 0 {
+                        let now = crate::telemetry::unix_ms();
+                        r.set(*CONFIG_AGE, &[], now.saturating_sub(since) as f64 / 1000.0);
+                    }
+                });
+                gauges
+            },
         }
     }
 
@@ -94,11 +137,20 @@ impl Shared {
         } else {
             0.0
         };
-        crate::metrics::global().set(
+        let registry = crate::metrics::global();
+        registry.set(
             *crate::metrics::gateway::CONFIG_FROM_BACKUP,
             &[],
             from_backup,
         );
+        let info = *crate::metrics::gateway::CONFIG_INFO;
+        registry.clear(info);
+        registry.set(info, &[&snapshot.version, snapshot.origin.kind()], 1.0);
+        let since = match &snapshot.origin {
+            crate::snapshot::ConfigOrigin::Backup { saved_unix_ms, .. } => *saved_unix_ms,
+            _ => crate::telemetry::unix_ms(),
+        };
+        self.gauges.config_since_ms.store(since, Ordering::Relaxed);
         self.snapshot.store(Some(snapshot.clone()));
         self.applied.send_replace(Some(snapshot));
     }
@@ -162,6 +214,7 @@ pub async fn handle(
 ) -> Result<Response<ResponseBody>, Infallible> {
     conn.served.store(true, Ordering::Relaxed);
     shared.requests.fetch_add(1, Ordering::Relaxed);
+    let _in_flight = InFlight::enter(&shared.gauges);
     let started = tokio::time::Instant::now();
     let request_id = headers::request_id(req.headers());
     let method = req.method().clone();
@@ -254,9 +307,7 @@ fn begin_record(conn: &ConnInfo, req: &Request<Incoming>, request_id: &HeaderVal
         .unwrap_or_default()
         .to_owned();
     Record {
-        time_unix_ms: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64),
+        time_unix_ms: crate::telemetry::unix_ms(),
         request_id: request_id.to_str().unwrap_or_default().to_owned(),
         parent_span_id,
         listener: conn.listener.clone(),

@@ -18,6 +18,13 @@ use crate::metrics::{
 };
 use crate::plugins::PluginHost;
 
+/// Now, in Unix milliseconds.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// One request, owned until its sinks have exported it.
 #[derive(Debug, Default, Clone)]
 pub struct Record {

@@ -245,6 +245,29 @@ impl<'h, 'a> Context<'h, 'a> {
         self.inner.respond_header(name.into(), value.into())
     }
 
+    /// Answers in the gateway's own JSON error shape: `{"statusCode", "error", "message",
+    /// "requestId"}` plus `extra` string fields, `application/json`. Return
+    /// [`Flow::RESPOND`] after it.
+    pub fn respond_error(
+        &mut self,
+        status: u16,
+        code: &str,
+        message: &str,
+        extra: &[(&str, &str)],
+    ) {
+        let mut body = serde_json::Map::new();
+        body.insert("statusCode".into(), status.into());
+        body.insert("error".into(), code.into());
+        body.insert("message".into(), message.into());
+        body.insert("requestId".into(), self.request_id().into());
+        for (k, v) in extra {
+            body.insert((*k).into(), (*v).into());
+        }
+        let body = serde_json::to_vec(&serde_json::Value::Object(body)).unwrap_or_default();
+        self.respond(status, &body);
+        self.respond_header("content-type", b"application/json");
+    }
+
     /// This step's own number for this request, kept across pause and resume (0 at first).
     pub fn slot(&self) -> u64 {
         self.inner.slot()

@@ -36,16 +36,7 @@ fn refuse(
     message: &str,
     extra: &[(&str, &str)],
 ) -> Flow {
-    let mut body = serde_json::Map::new();
-    body.insert("statusCode".into(), Value::from(status));
-    body.insert("error".into(), Value::from(code));
-    body.insert("message".into(), Value::from(message));
-    for (k, v) in extra {
-        body.insert((*k).into(), Value::from(*v));
-    }
-    let body = serde_json::to_vec(&Value::Object(body)).unwrap_or_default();
-    ctx.respond(status, &body);
-    ctx.respond_header("content-type", b"application/json");
+    ctx.respond_error(status, code, message, extra);
     Flow::RESPOND
 }
 

@@ -147,14 +147,8 @@ fn failed(metric: Metric, policy: &str, target: &Target, ctx: &Context<'_, '_>, 
 
 /// Answers `503 cache_unavailable` in the gateway's JSON error shape.
 fn unavailable(ctx: &mut Context<'_, '_>, target: &Target) -> Flow {
-    let body = outpost_plugin_sdk::serde_json::json!({
-        "statusCode": 503,
-        "error": "cache_unavailable",
-        "message": format!("The cache {} is unavailable.", target.label()),
-        "requestId": ctx.request_id(),
-    });
-    ctx.respond(503, body.to_string().as_bytes());
-    ctx.respond_header("content-type", b"application/json");
+    let message = format!("The cache {} is unavailable.", target.label());
+    ctx.respond_error(503, "cache_unavailable", &message, &[]);
     Flow::RESPOND
 }
 

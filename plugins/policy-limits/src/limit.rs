@@ -726,14 +726,7 @@ fn unavailable(ctx: &mut Context<'_, '_>, kind: Kind) -> Flow {
 
 /// Answers with the gateway's JSON error shape.
 pub(crate) fn answer(ctx: &mut Context<'_, '_>, status: u16, code: &str, message: &str) {
-    let body = outpost_plugin_sdk::serde_json::json!({
-        "statusCode": status,
-        "error": code,
-        "message": message,
-        "requestId": ctx.request_id(),
-    });
-    ctx.respond(status, body.to_string().as_bytes());
-    ctx.respond_header("content-type", b"application/json");
+    ctx.respond_error(status, code, message, &[]);
 }
 
 #[cfg(test)]
