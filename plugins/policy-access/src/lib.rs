@@ -13,7 +13,6 @@
 //! Refusals answer with the gateway's JSON error shape
 //! (`{"statusCode": N, "error": "<code>", "message": "…"}`, `application/json`).
 
-use outpost_plugin_sdk::serde_json::{self, Value};
 use outpost_plugin_sdk::{export_plugin, Context, Flow};
 
 mod basic_auth;
