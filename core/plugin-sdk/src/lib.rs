@@ -159,14 +159,27 @@ pub(crate) fn guard<T>(f: impl FnOnce() -> Result<T, Error>) -> RResult<T, Plugi
 /// Parses an instance's configuration. An empty object also stands for "no configuration", so
 /// a plugin whose `Config` is `()` accepts what the manifest gives when `config` is left out.
 fn config<C: serde::de::DeserializeOwned>(json: &str) -> Result<C, PluginError> {
-    serde_json::from_str(json).or_else(|e| {
+    // Errors name the field that is wrong (`calls: invalid type: string "ten", expected u64`).
+    let parse = |json: &str| -> Result<C, String> {
+        let mut de = serde_json::Deserializer::from_str(json);
+        let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+            let path = e.path().to_string();
+            match path.as_str() {
+                "" | "." => e.into_inner().to_string(),
+                _ => format!("{path}: {}", e.into_inner()),
+            }
+        })?;
+        de.end().map_err(|e| e.to_string())?;
+        Ok(value)
+    };
+    parse(json).or_else(|e| {
         let empty = serde_json::from_str::<serde_json::Value>(json)
             .is_ok_and(|v| v.as_object().is_some_and(|o| o.is_empty()));
         match empty {
-            true => serde_json::from_str("null").map_err(|_| e),
+            true => parse("null").map_err(|_| e),
             false => Err(e),
         }
-        .map_err(|e| Error::new(ErrorKind::CONFIG, e.to_string()).into_abi())
+        .map_err(|e| Error::new(ErrorKind::CONFIG, e).into_abi())
     })
 }
 

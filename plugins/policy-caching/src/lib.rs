@@ -13,7 +13,6 @@
 //! counted in `policy_caching_errors_total{policy}` — unless the step says `fail_closed`, then
 //! the answer is `503 cache_unavailable`.
 
-use outpost_plugin_sdk::serde::de::{DeserializeOwned, Deserializer, Error as _};
 use outpost_plugin_sdk::serde::Deserialize;
 use outpost_plugin_sdk::{export_plugin, host, Context, Flow, HostStatus, Metric};
 
@@ -29,25 +28,6 @@ pub use value::{
     CacheLookupValue, CacheLookupValueConfig, CacheRemoveValue, CacheRemoveValueConfig,
     CacheStoreValue, CacheStoreValueConfig,
 };
-
-/// A configuration whose errors name the field that is wrong
-/// (`duration: invalid type: string "ten", expected u64`).
-pub struct Checked<T>(pub T);
-
-impl<'de, T: DeserializeOwned> Deserialize<'de> for Checked<T> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        serde_path_to_error::deserialize(d)
-            .map(Checked)
-            .map_err(|e| {
-                let path = e.path().to_string();
-                let inner = e.into_inner();
-                match path.as_str() {
-                    "" | "." => inner,
-                    _ => D::Error::custom(format!("{path}: {inner}")),
-                }
-            })
-    }
-}
 
 /// Which cache a step uses, as APIM's `caching-type` says it.
 #[derive(Deserialize, Debug, Default, Clone, Copy, PartialEq, Eq)]

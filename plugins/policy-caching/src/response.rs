@@ -12,7 +12,7 @@ use outpost_plugin_sdk::{host, Context, Flow, Head, HostStatus, Metric, Policy, 
 
 use crate::control::Directives;
 use crate::entry::{Entry, Stored};
-use crate::{errors_metric, failed, unavailable, CachingType, Checked, Outcome, Target};
+use crate::{errors_metric, failed, unavailable, CachingType, Outcome, Target};
 
 /// The variable through which `cache-lookup` hands a miss to `cache-store`: four flag
 /// characters, the cache's name, a line feed, the key. Empty: nothing to store.
@@ -243,9 +243,9 @@ impl CacheLookup {
 
 impl Policy for CacheLookup {
     /// Every field is optional: a step without `config` (JSON `null`) takes the defaults.
-    type Config = Checked<Option<CacheLookupConfig>>;
+    type Config = Option<CacheLookupConfig>;
 
-    fn new(Checked(c): Checked<Option<CacheLookupConfig>>) -> Result<Self, String> {
+    fn new(c: Option<CacheLookupConfig>) -> Result<Self, String> {
         let c = c.unwrap_or_default();
         let mut vary_headers = Vec::new();
         for h in &c.vary_by_header {
@@ -471,9 +471,9 @@ fn storable(name: &str) -> bool {
 }
 
 impl Policy for CacheStore {
-    type Config = Checked<CacheStoreConfig>;
+    type Config = CacheStoreConfig;
 
-    fn new(Checked(c): Checked<CacheStoreConfig>) -> Result<Self, String> {
+    fn new(c: CacheStoreConfig) -> Result<Self, String> {
         crate::check_duration("duration", c.duration)?;
         if c.max_body_bytes == 0 {
             return Err("max_body_bytes: must be positive".into());

@@ -8,7 +8,7 @@ use outpost_plugin_sdk::template::Template;
 use outpost_plugin_sdk::{Context, Flow, Head, Metric, Policy, Token};
 
 use crate::{
-    errors_metric, failed, unavailable, with_scratch, CachingType, Checked, Outcome, Target,
+    errors_metric, failed, unavailable, with_scratch, CachingType, Outcome, Target,
 };
 
 /// What every value step shares: its key, its cache and what a failure does.
@@ -114,9 +114,9 @@ impl CacheLookupValue {
 }
 
 impl Policy for CacheLookupValue {
-    type Config = Checked<CacheLookupValueConfig>;
+    type Config = CacheLookupValueConfig;
 
-    fn new(Checked(c): Checked<CacheLookupValueConfig>) -> Result<Self, String> {
+    fn new(c: CacheLookupValueConfig) -> Result<Self, String> {
         variable_name(&c.variable_name)?;
         Ok(CacheLookupValue {
             step: Step::new(
@@ -205,9 +205,9 @@ impl CacheStoreValue {
 }
 
 impl Policy for CacheStoreValue {
-    type Config = Checked<CacheStoreValueConfig>;
+    type Config = CacheStoreValueConfig;
 
-    fn new(Checked(c): Checked<CacheStoreValueConfig>) -> Result<Self, String> {
+    fn new(c: CacheStoreValueConfig) -> Result<Self, String> {
         crate::check_duration("duration", c.duration)?;
         Ok(CacheStoreValue {
             step: Step::new(
@@ -273,9 +273,9 @@ impl CacheRemoveValue {
 }
 
 impl Policy for CacheRemoveValue {
-    type Config = Checked<CacheRemoveValueConfig>;
+    type Config = CacheRemoveValueConfig;
 
-    fn new(Checked(c): Checked<CacheRemoveValueConfig>) -> Result<Self, String> {
+    fn new(c: CacheRemoveValueConfig) -> Result<Self, String> {
         Ok(CacheRemoveValue {
             step: Step::new(
                 "cache-remove-value",

@@ -9,7 +9,7 @@
 
 use outpost_plugin_sdk::{phase, Context, Flow, Head, Policy};
 
-use crate::config::{self, Checked, LimitConcurrencyConfig};
+use crate::config::{self, LimitConcurrencyConfig};
 use crate::limit::answer;
 use crate::local;
 
@@ -23,9 +23,9 @@ pub struct LimitConcurrency {
 }
 
 impl Policy for LimitConcurrency {
-    type Config = Checked<LimitConcurrencyConfig>;
+    type Config = LimitConcurrencyConfig;
 
-    fn new(Checked(c): Self::Config) -> Result<Self, String> {
+    fn new(c: Self::Config) -> Result<Self, String> {
         if c.max_count == 0 {
             return Err("max_count must be at least 1".into());
         }

@@ -1,30 +1,10 @@
 //! The policies' configuration: serde types, parsed strictly, and their validation.
 
-use outpost_plugin_sdk::serde::de::{Deserialize, DeserializeOwned, Deserializer, Error as _};
 use outpost_plugin_sdk::serde::Deserialize as DeriveDeserialize;
 use outpost_plugin_sdk::template::Template;
 
 /// The longest renewal period accepted: ten years (the windows' arithmetic stays in range).
 pub const MAX_PERIOD_SECS: u64 = 10 * 365 * 24 * 3600;
-
-/// A configuration whose deserialisation errors name the field that is wrong
-/// (`calls: invalid type: string "ten", expected u64`).
-pub struct Checked<T>(pub T);
-
-impl<'de, T: DeserializeOwned> Deserialize<'de> for Checked<T> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        serde_path_to_error::deserialize(d)
-            .map(Checked)
-            .map_err(|e| {
-                let path = e.path().to_string();
-                let inner = e.into_inner();
-                match path.as_str() {
-                    "" | "." => inner,
-                    _ => D::Error::custom(format!("{path}: {inner}")),
-                }
-            })
-    }
-}
 
 /// What a policy does when the shared counter (the cache) fails or times out.
 #[derive(DeriveDeserialize, Debug, Clone, Copy, Default, PartialEq, Eq)]

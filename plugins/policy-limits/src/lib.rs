@@ -21,7 +21,7 @@ mod local;
 
 pub use concurrency::LimitConcurrency;
 use config::{
-    Checked, QuotaByKeyConfig, QuotaConfig, RateLimitByKeyConfig, RateLimitConfig, ReportConfig,
+    QuotaByKeyConfig, QuotaConfig, RateLimitByKeyConfig, RateLimitConfig, ReportConfig,
 };
 use limit::{Kind, Limit, Report, Shared};
 
@@ -57,9 +57,9 @@ macro_rules! delegate {
 pub struct RateLimit(Limit);
 
 impl Policy for RateLimit {
-    type Config = Checked<RateLimitConfig>;
+    type Config = RateLimitConfig;
 
-    fn new(Checked(c): Self::Config) -> Result<Self, String> {
+    fn new(c: Self::Config) -> Result<Self, String> {
         let r = c.report();
         let limits = config::rate(c.calls, c.renewal_period, &r)?;
         let kind = Kind::RateLimit;
@@ -79,9 +79,9 @@ impl Policy for RateLimit {
 pub struct RateLimitByKey(Limit);
 
 impl Policy for RateLimitByKey {
-    type Config = Checked<RateLimitByKeyConfig>;
+    type Config = RateLimitByKeyConfig;
 
-    fn new(Checked(c): Self::Config) -> Result<Self, String> {
+    fn new(c: Self::Config) -> Result<Self, String> {
         let r = c.report();
         let limits = config::rate(c.calls, c.renewal_period, &r)?;
         let kind = Kind::RateLimitByKey;
@@ -103,9 +103,9 @@ impl Policy for RateLimitByKey {
 pub struct Quota(Limit);
 
 impl Policy for Quota {
-    type Config = Checked<QuotaConfig>;
+    type Config = QuotaConfig;
 
-    fn new(Checked(c): Self::Config) -> Result<Self, String> {
+    fn new(c: Self::Config) -> Result<Self, String> {
         let limits = config::quota(c.calls, c.bandwidth, c.renewal_period)?;
         let kind = Kind::Quota;
         Ok(Quota(Limit::per_subscription(
@@ -124,9 +124,9 @@ impl Policy for Quota {
 pub struct QuotaByKey(Limit);
 
 impl Policy for QuotaByKey {
-    type Config = Checked<QuotaByKeyConfig>;
+    type Config = QuotaByKeyConfig;
 
-    fn new(Checked(c): Self::Config) -> Result<Self, String> {
+    fn new(c: Self::Config) -> Result<Self, String> {
         let limits = config::quota(c.calls, c.bandwidth, c.renewal_period)?;
         if c.increment_condition.is_some() && c.calls.is_none() {
             return Err("increment_condition decides which calls count: give calls too".into());
