@@ -297,8 +297,11 @@ async fn responses_and_values_are_cached_in_redis_and_a_redis_outage_is_a_miss()
     let warm = [("x-tenant", "t9")];
     expect(&gw, &backend, "/svc/cached/echo?v=9", &warm, true).await;
     expect(&gw, &backend, "/svc/cached/echo?v=9", &warm, false).await;
-    let keys = redis.command(&["KEYS", "outpost:svc\ncached\nGET\n/svc/cached/echo*"]);
-    assert!(keys.contains("q:v=9"), "{keys:?}");
+    // Response entries are named by a digest of their key material: nothing of the request
+    // (credentials, subscription keys) shows in Redis's key names.
+    let keys = redis.command(&["KEYS", "outpost:resp:*"]);
+    assert!(!keys.contains("*0\r\n"), "{keys:?}");
+    assert!(!keys.contains("t9") && !keys.contains("v=9"), "{keys:?}");
 
     // Redis down: every request is still answered, by the backend; values fall back to their
     // default and stores carry on; every failure is counted.

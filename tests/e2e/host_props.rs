@@ -241,7 +241,14 @@ async fn response_headers_reach_every_answer() {
                 "/ok/echo",
                 json!([
                     set("outpost.response-header.x-added", "yes"),
-                    set("outpost.response-header.bad header", "ignored")
+                    set("outpost.response-header.bad header", "ignored"),
+                    // Replaces the backend's own header; additions keep it.
+                    set(
+                        "outpost.response-header.content-type",
+                        "application/x-replaced"
+                    ),
+                    set("outpost.response-header-add.x-multi", "one"),
+                    set("outpost.response-header-add.x-multi", "two")
                 ])
             ),
             op(
@@ -266,7 +273,11 @@ async fn response_headers_reach_every_answer() {
     let r = c.get(gw.url("/svc/ok/echo")).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["x-added"], "yes");
-    let body: Value = r.json().await.unwrap();
+    let types: Vec<_> = r.headers().get_all("content-type").iter().collect();
+    assert_eq!(types, ["application/x-replaced"]);
+    let multi: Vec<_> = r.headers().get_all("x-multi").iter().collect();
+    assert_eq!(multi.len(), 2, "{multi:?}");
+    let body: Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
     // A response header is not sent to the backend.
     assert!(body["headers"].get("x-added").is_none(), "{body}");
 
@@ -279,4 +290,37 @@ async fn response_headers_reach_every_answer() {
     let r = c.get(gw.url("/svc/readonly/echo")).send().await.unwrap();
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["headers"]["x-cert"][0], "(unset)", "{body}");
+}
+
+#[tokio::test]
+async fn a_body_replaced_by_one_step_is_what_the_next_step_reads() {
+    let a = Backend::start().await;
+    let mut spec = spec(
+        &a.url(false),
+        &a.url(false),
+        json!([op(
+            "chain",
+            "POST",
+            "/chain/echo",
+            json!([
+                { "policy": "set-body", "config": { "body": "replaced by a policy" } },
+                { "policy": "body-upper", "config": { "limit": 1024 } }
+            ])
+        )]),
+    );
+    spec.manifest = format!(
+        "{}\n[[plugins]]\nname = \"transform\"\npath = \"{}\"\n",
+        spec.manifest,
+        plugin_library("outpost_policy_transform").display()
+    );
+    let gw = Gateway::start(spec);
+    let r = client()
+        .post(gw.url("/svc/chain/echo"))
+        .body("the client's body")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["body"], "REPLACED BY A POLICY", "{body}");
 }

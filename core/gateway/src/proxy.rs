@@ -253,7 +253,11 @@ pub async fn handle(
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
         *resp.version_mut() = version;
     }
-    for (name, value) in ids.response_headers.drain(..) {
+    // Replacements first (each removes what the backend sent), then additions.
+    for (name, _, _) in ids.response_headers.iter().filter(|h| h.2) {
+        resp.headers_mut().remove(name);
+    }
+    for (name, value, _) in ids.response_headers.drain(..) {
         resp.headers_mut().append(name, value);
     }
     if !ids.end.steps.is_empty() {
@@ -335,8 +339,9 @@ struct RouteIds {
     api: Option<Arc<str>>,
     operation: Option<Arc<str>>,
     subscription: Option<Arc<str>>,
-    /// Headers policies asked to add to the client's response (`outpost.response-header.*`).
-    response_headers: Vec<(HeaderName, HeaderValue)>,
+    /// Headers policies set for the client's response (`outpost.response-header.*`
+    /// replaces, `outpost.response-header-add.*` appends).
+    response_headers: Vec<(HeaderName, HeaderValue, bool)>,
     /// Steps to call when the request has ended (`outpost.notify-end`).
     end: EndHooks,
 }
@@ -799,20 +804,36 @@ fn yes() -> bool {
 }
 
 impl RetryRule {
-    fn again(&self, answer: &Result<Response<Incoming>, ProxyError>) -> bool {
+    /// Whether to send again after this answer. A failure after the request may have reached
+    /// the backend (reset, no answer in time) is retried only for idempotent methods: a POST
+    /// is sent again only when it never left (refused, or no connection in time).
+    fn again(&self, method: &Method, answer: &Result<Response<Incoming>, ProxyError>) -> bool {
         match answer {
             Ok(r) => {
                 let s = r.status().as_u16();
                 self.statuses.iter().any(|&(lo, hi)| (lo..=hi).contains(&s))
             }
             Err(e) => {
+                let idempotent = matches!(
+                    *method,
+                    Method::GET
+                        | Method::HEAD
+                        | Method::OPTIONS
+                        | Method::TRACE
+                        | Method::PUT
+                        | Method::DELETE
+                );
                 self.on_connect_failure
-                    && matches!(
-                        e,
+                    && match e {
                         ProxyError::BackendUnreachable { .. }
-                            | ProxyError::BackendTimeout { .. }
-                            | ProxyError::BackendFailed { .. }
-                    )
+                        | ProxyError::BackendTimeout {
+                            phase: "connect", ..
+                        } => true,
+                        ProxyError::BackendTimeout { .. } | ProxyError::BackendFailed { .. } => {
+                            idempotent
+                        }
+                        _ => false,
+                    }
             }
         }
     }
@@ -839,7 +860,7 @@ async fn send_with_retries(
         *req.version_mut() = parts.version;
         *req.headers_mut() = parts.headers.clone();
         let answer = send(shared, backend, req, None).await;
-        if attempt >= rule.count || !rule.again(&answer) {
+        if attempt >= rule.count || !rule.again(&parts.method, &answer) {
             return answer;
         }
         attempt += 1;
@@ -992,6 +1013,17 @@ async fn read_body(
     } else {
         u64::MAX
     };
+    // Already read (or replaced) by an earlier step: that is the body, never the source again.
+    if let Some(body) = &ctx.body {
+        return Ok(if body.len() as u64 > limit {
+            Done::failed(
+                HostStatus::TOO_LARGE,
+                format!("the body is larger than {limit} bytes"),
+            )
+        } else {
+            Done::status(HostStatus::OK)
+        });
+    }
     let idle = Duration::from_millis(shared.upstream.body_idle_timeout_ms);
     match buffer(source, limit.min(gateway_limit), idle).await {
         Ok(Buffered::Complete(data)) => {

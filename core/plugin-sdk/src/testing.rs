@@ -188,10 +188,25 @@ impl api::HttpHead for TestHead {
             .into()
     }
     fn set_header(&mut self, name: RStr<'_>, value: RSlice<'_, u8>) -> bool {
-        self.remove_header(name);
-        self.append_header(name, value)
+        let valid = TestHead::default().append_header(name, value);
+        if valid {
+            self.remove_header(name);
+            self.append_header(name, value);
+        }
+        valid
     }
     fn append_header(&mut self, name: RStr<'_>, value: RSlice<'_, u8>) -> bool {
+        // As strict as the gateway: a token name, a value without control characters.
+        let name_ok = !name.is_empty()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+        let value_ok = value
+            .iter()
+            .all(|&b| b == b'\t' || (b >= 0x20 && b != 0x7f));
+        if !name_ok || !value_ok {
+            return false;
+        }
         self.headers
             .push((name.as_str().to_ascii_lowercase(), value.to_vec()));
         true

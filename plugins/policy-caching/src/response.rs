@@ -168,6 +168,19 @@ fn query_pairs(query: &str) -> impl Iterator<Item = (&str, &str)> {
         .map(|p| p.split_once('=').unwrap_or((p, "")))
 }
 
+/// Replaces key material with its digest: cache key names never carry the material
+/// (credentials, subscription keys in queries) and stay short whatever the request.
+pub(crate) fn digest_key(material: &mut String) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let digest = ring::digest::digest(&ring::digest::SHA256, material.as_bytes());
+    material.clear();
+    material.push_str("resp:");
+    for b in &digest.as_ref()[..20] {
+        material.push(char::from(HEX[usize::from(b >> 4)]));
+        material.push(char::from(HEX[usize::from(b & 15)]));
+    }
+}
+
 impl CacheLookup {
     /// The request's key: API, operation, method, path, then what the step varies by.
     fn key(&self, req: &Head<'_, '_>, ctx: &Context<'_, '_>, out: &mut String) {
@@ -212,6 +225,15 @@ impl CacheLookup {
             out.push_str("\nd:");
             out.push_str(ctx.subscription_id());
         }
+        if self.allow_private {
+            // Private responses are cached per caller, never shared between credentials.
+            out.push_str("\na:");
+            for v in req.header_values("authorization") {
+                push_escaped(out, v);
+                out.push(',');
+            }
+        }
+        digest_key(out);
     }
 
     fn hit(&self, data: &[u8], ctx: &mut Context<'_, '_>) -> Option<Flow> {
@@ -324,6 +346,14 @@ impl Policy for CacheLookup {
             var.extend(self.flags.iter().map(|&b| char::from(b)));
             var.push_str(&self.target.name);
             var.push('\n');
+            // The headers the key varies by: cache-store refuses responses that vary by others.
+            for (i, h) in self.vary_headers.iter().enumerate() {
+                if i > 0 {
+                    var.push(',');
+                }
+                var.push_str(h);
+            }
+            var.push('\n');
             var.push_str(key);
             ctx.set_variable(PENDING, var);
             if cc.no_cache {
@@ -412,6 +442,8 @@ struct Pending<'v> {
     allow_private: bool,
     required: bool,
     cache: &'v str,
+    /// Header names (lower case, comma-separated) the key varies by.
+    varied: &'v str,
     key: &'v str,
 }
 
@@ -426,13 +458,15 @@ impl<'v> Pending<'v> {
     fn read(ctx: &'v Context<'_, '_>) -> Option<Pending<'v>> {
         let v = ctx.variable(PENDING)?;
         let (flags, rest) = (v.as_bytes().get(..4)?, v.get(4..)?);
-        let (cache, key) = rest.split_once('\n')?;
+        let (cache, rest) = rest.split_once('\n')?;
+        let (varied, key) = rest.split_once('\n')?;
         Some(Pending {
             downstream: DownstreamCachingType::from_flag(flags[0]),
             must_revalidate: flags[1] == b'1',
             allow_private: flags[2] == b'1',
             required: flags[3] == b'1',
             cache,
+            varied,
             key,
         })
     }
@@ -499,11 +533,19 @@ impl Policy for CacheStore {
         if cc.no_store || cc.no_cache || cc.private && !p.allow_private {
             return Flow::CONTINUE;
         }
-        // Another client's cookie, or a response that varies on everything: never shared.
+        // Another client's cookie, or a response that varies on everything or on a request
+        // header the key does not hold (Accept-Encoding, Cookie, …): never shared.
         if resp.header("set-cookie").is_some()
-            || resp
-                .header_values("vary")
-                .any(|v| v.split(|&b| b == b',').any(|t| t.trim_ascii() == b"*"))
+            || resp.header_values("vary").any(|v| {
+                v.split(|&b| b == b',').any(|t| {
+                    let t = t.trim_ascii();
+                    !t.is_empty()
+                        && !p
+                            .varied
+                            .split(',')
+                            .any(|h| h.as_bytes().eq_ignore_ascii_case(t))
+                })
+            })
         {
             return Flow::CONTINUE;
         }

@@ -10,6 +10,13 @@ use outpost_plugin_sdk::{Flow, HostStatus, Token};
 use super::*;
 use crate::response::PENDING;
 
+/// The cache key for this key material.
+fn key_of(material: &str) -> String {
+    let mut s = material.to_owned();
+    crate::response::digest_key(&mut s);
+    s
+}
+
 fn build<P: outpost_plugin_sdk::Policy>(config: Value) -> PolicyBox {
     policy::<P>(&config.to_string()).unwrap_or_else(|e| panic!("{config} refused: {}", e.message))
 }
@@ -174,10 +181,12 @@ fn a_miss_is_stored_and_the_next_request_is_answered_from_the_entry() {
     assert_eq!(ttl_ms, 60_000);
     assert_eq!(
         String::from_utf8(key.clone()).unwrap(),
-        "svc\nitems\nGET\n/svc/items",
+        key_of("svc\nitems\nGET\n/svc/items"),
         "the query is not part of the key unless asked"
     );
-    assert!(c.variables[PENDING].ends_with("\nsvc\nitems\nGET\n/svc/items"));
+    assert!(
+        c.variables[PENDING].ends_with(&format!("\n\n{}", key_of("svc\nitems\nGET\n/svc/items")))
+    );
 
     // Hit: answered from the entry, without the backend.
     let mut c = ctx();
@@ -208,7 +217,7 @@ fn a_lookup_without_config_takes_the_defaults() {
     assert_eq!(flow, Flow::CONTINUE);
     assert_eq!(
         key.as_deref(),
-        Some(b"svc\nitems\nGET\n/svc/items".as_slice())
+        Some(key_of("svc\nitems\nGET\n/svc/items").as_bytes())
     );
     assert!(
         c.variables[PENDING].starts_with("n100\n"),
@@ -232,7 +241,7 @@ fn keys_vary_by_the_listed_query_parameters_headers_and_subscription() {
     );
     assert_eq!(
         k,
-        "svc\nitems\nGET\n/svc/items\nq:page=2\nq:page=3\nq:size=10"
+        key_of("svc\nitems\nGET\n/svc/items\nq:page=2\nq:page=3\nq:size=10")
     );
     let k2 = key(
         listed,
@@ -246,7 +255,10 @@ fn keys_vary_by_the_listed_query_parameters_headers_and_subscription() {
 
     let all = json!({ "vary_by_query_parameter": ["*"] });
     let a = key(all.clone(), &mut get("/svc/items?b=2&a=1&flag"), &mut ctx());
-    assert_eq!(a, "svc\nitems\nGET\n/svc/items\nq:a=1\nq:b=2\nq:flag=");
+    assert_eq!(
+        a,
+        key_of("svc\nitems\nGET\n/svc/items\nq:a=1\nq:b=2\nq:flag=")
+    );
     assert_eq!(
         a,
         key(all.clone(), &mut get("/svc/items?flag&a=1&b=2"), &mut ctx())
@@ -271,12 +283,15 @@ fn keys_vary_by_the_listed_query_parameters_headers_and_subscription() {
     );
     assert_eq!(
         h,
-        "svc\nitems\nGET\n/svc/items\nh:accept=text/plain,application/json\nh:x-tenant"
+        key_of("svc\nitems\nGET\n/svc/items\nh:accept=text/plain,application/json\nh:x-tenant")
     );
     let mut raw = get("/svc/items");
     raw.headers.push(("x-tenant".into(), b"a\xffb%".to_vec()));
     let r = key(headers.clone(), &mut raw, &mut ctx());
-    assert!(r.ends_with("\nh:accept\nh:x-tenant=a%FFb%25"), "{r}");
+    assert_eq!(
+        r,
+        key_of("svc\nitems\nGET\n/svc/items\nh:accept\nh:x-tenant=a%FFb%25")
+    );
     assert_ne!(
         key(
             headers.clone(),
@@ -292,10 +307,8 @@ fn keys_vary_by_the_listed_query_parameters_headers_and_subscription() {
     let mut other = ctx();
     other.subscription_id = "sub-2".into();
     let d2 = key(dev, &mut get("/svc/items"), &mut other);
-    assert!(
-        d1.ends_with("\nd:sub-1") && d2.ends_with("\nd:sub-2"),
-        "{d1} {d2}"
-    );
+    assert_eq!(d1, key_of("svc\nitems\nGET\n/svc/items\nd:sub-1"));
+    assert_eq!(d2, key_of("svc\nitems\nGET\n/svc/items\nd:sub-2"));
 }
 
 #[test]
@@ -333,7 +346,7 @@ fn only_get_requests_are_looked_up_and_clients_can_bypass() {
         assert_eq!(c.cache_status, "bypass");
         let (_, key, _, _) =
             store(&s, &mut ok_response(), &mut c, Some(b"x"), ok()).expect("stored");
-        assert_eq!(key, b"svc\nitems\nGET\n/svc/items");
+        assert_eq!(key, key_of("svc\nitems\nGET\n/svc/items").as_bytes());
     }
 
     // Authorization: private unless allowed.
@@ -825,5 +838,50 @@ fn readme_examples_build() {
         "cache-remove-value",
     ] {
         assert!(seen.iter().any(|s| s == p), "README has no example for {p}");
+    }
+}
+
+#[test]
+fn private_responses_are_keyed_per_caller() {
+    let key = |config: Value, req: &mut TestHead, c: &mut TestContext| -> String {
+        let p = build::<CacheLookup>(config);
+        let (_, key) = lookup(&p, req, c, TestAnswer::miss());
+        String::from_utf8(key.expect("looked up")).unwrap()
+    };
+    let private = json!({ "allow_private_response_caching": true });
+    let alice = key(
+        private.clone(),
+        &mut get("/svc/items").with_header("authorization", "Bearer alice"),
+        &mut ctx(),
+    );
+    let bob = key(
+        private,
+        &mut get("/svc/items").with_header("authorization", "Bearer bob"),
+        &mut ctx(),
+    );
+    assert_ne!(alice, bob);
+    // Key names carry no credentials.
+    assert!(
+        !alice.contains("alice") && alice.starts_with("resp:"),
+        "{alice}"
+    );
+}
+
+#[test]
+fn responses_varying_by_headers_outside_the_key_are_not_stored() {
+    let s = build::<CacheStore>(json!({ "duration": 60 }));
+    for (config, stored) in [
+        (json!({}), false),
+        (json!({ "vary_by_header": ["Accept-Encoding"] }), true),
+    ] {
+        let l = build::<CacheLookup>(config.clone());
+        let mut c = ctx();
+        lookup(&l, &mut get("/svc/items"), &mut c, TestAnswer::miss());
+        let mut resp = ok_response().with_header("vary", "Accept-Encoding");
+        assert_eq!(
+            store(&s, &mut resp, &mut c, Some(b"x"), ok()).is_some(),
+            stored,
+            "{config}"
+        );
     }
 }

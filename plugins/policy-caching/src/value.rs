@@ -7,9 +7,7 @@ use outpost_plugin_sdk::serde::Deserialize;
 use outpost_plugin_sdk::template::Template;
 use outpost_plugin_sdk::{Context, Flow, Head, Metric, Policy, Token};
 
-use crate::{
-    errors_metric, failed, unavailable, with_scratch, CachingType, Outcome, Target,
-};
+use crate::{errors_metric, failed, unavailable, with_scratch, CachingType, Outcome, Target};
 
 /// What every value step shares: its key, its cache and what a failure does.
 struct Step {

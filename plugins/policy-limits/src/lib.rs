@@ -20,9 +20,7 @@ mod limit;
 mod local;
 
 pub use concurrency::LimitConcurrency;
-use config::{
-    QuotaByKeyConfig, QuotaConfig, RateLimitByKeyConfig, RateLimitConfig, ReportConfig,
-};
+use config::{QuotaByKeyConfig, QuotaConfig, RateLimitByKeyConfig, RateLimitConfig, ReportConfig};
 use limit::{Kind, Limit, Report, Shared};
 
 fn report(r: ReportConfig) -> Report {

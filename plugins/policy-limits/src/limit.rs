@@ -428,7 +428,7 @@ impl Limit {
                 out.push(':');
                 out.push_str(n.format(self.limits.period_ms / 1000));
                 out.push(':');
-                out.push_str(base);
+                push_key(out, base);
             }
         }
         out.push(':');
@@ -722,6 +722,24 @@ fn unavailable(ctx: &mut Context<'_, '_>, kind: Kind) -> Flow {
         ),
     );
     Flow::RESPOND
+}
+
+/// The longest rendered key kept as it is; longer ones are kept as a digest, so a client
+/// cannot make counters (local or in the cache) as large as its headers.
+const MAX_KEY_BYTES: usize = 64;
+
+fn push_key(out: &mut String, key: &str) {
+    if key.len() <= MAX_KEY_BYTES {
+        out.push_str(key);
+        return;
+    }
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let digest = ring::digest::digest(&ring::digest::SHA256, key.as_bytes());
+    out.push('#');
+    for b in &digest.as_ref()[..16] {
+        out.push(char::from(HEX[usize::from(b >> 4)]));
+        out.push(char::from(HEX[usize::from(b & 15)]));
+    }
 }
 
 /// Answers with the gateway's JSON error shape.

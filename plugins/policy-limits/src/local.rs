@@ -13,7 +13,7 @@ pub(crate) const SHARDS: usize = 64;
 
 /// At most this many live counters per shard (about a million in all): keys come from
 /// requests, and a flood of distinct keys must not grow the process without bound. A key that
-/// finds its shard full is not remembered (the request counts as the first of its window).
+/// finds its shard full evicts an arbitrary counter of that shard and is counted.
 pub(crate) const MAX_KEYS_PER_SHARD: usize = 16_384;
 
 /// How often a shard drops the counters of windows that have ended.
@@ -99,14 +99,19 @@ impl Counters {
             return delta;
         }
         if s.map.len() >= self.max_per_shard {
+            // Full: every key still counts. An arbitrary live counter makes room (the map's
+            // iteration order is randomised per process), so a flood of new keys can only
+            // restart some counts early, never leave new keys unlimited.
             static FULL: Throttle = Throttle::new();
             FULL.warn(|| {
                 format!(
-                    "capacity={}: Local limit counters are full; new keys are not counted until their windows end.",
+                    "capacity={}: Local limit counters are full; counters are evicted to make room.",
                     self.max_per_shard * SHARDS
                 )
             });
-            return delta;
+            if let Some(victim) = s.map.keys().next().cloned() {
+                s.map.remove(&victim);
+            }
         }
         s.map.insert(
             key.into(),

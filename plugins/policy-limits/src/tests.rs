@@ -761,12 +761,15 @@ fn local_counters_drop_ended_windows_and_stay_bounded() {
     // An ended key that comes back starts again.
     assert_eq!(c.add("other", 5, 9_000, 2_500), 5);
 
-    // A flood of keys stays within the bound; a key that finds no room counts as new.
+    // A flood of keys stays within the bound, and every new key is still counted (an older
+    // counter makes room).
     let c = Counters::bounded(4);
     for i in 0..(4 * SHARDS * 3) {
         assert_eq!(c.add(&format!("flood:{i}"), 1, u64::MAX, 0), 1);
     }
     assert_eq!(c.len(), 4 * SHARDS);
+    let last = format!("flood:{}", 4 * SHARDS * 3 - 1);
+    assert_eq!(c.add(&last, 1, u64::MAX, 0), 2, "the newest key was kept");
 }
 
 #[test]

@@ -210,6 +210,11 @@ impl Policy for Cors {
     }
 
     fn on_request(&self, req: &mut Head<'_, '_>, ctx: &mut Context<'_, '_>) -> Flow {
+        // With a list of origins the answer depends on Origin, whatever this request sent:
+        // say so to caches (added to the backend's own Vary, never replacing it).
+        if self.echoes_origin() {
+            ctx.set_variable("outpost.response-header-add.vary", "Origin");
+        }
         let Some(origin) = req.header("origin") else {
             return Flow::CONTINUE;
         };
@@ -241,9 +246,6 @@ impl Policy for Cors {
                 "outpost.response-header.access-control-expose-headers",
                 &self.expose,
             );
-        }
-        if varies {
-            ctx.set_variable("outpost.response-header.vary", "Origin");
         }
         Flow::CONTINUE
     }
@@ -364,7 +366,7 @@ mod tests {
             v["outpost.response-header.access-control-expose-headers"],
             "x-request-id, etag"
         );
-        assert_eq!(v["outpost.response-header.vary"], "Origin");
+        assert_eq!(v["outpost.response-header-add.vary"], "Origin");
         assert!(ctx.response.is_none());
 
         // Without Origin: not a CORS request.
@@ -404,7 +406,9 @@ mod tests {
             ctx.variables["outpost.response-header.access-control-allow-origin"],
             "*"
         );
-        assert!(!ctx.variables.contains_key("outpost.response-header.vary"));
+        assert!(!ctx
+            .variables
+            .contains_key("outpost.response-header-add.vary"));
     }
 
     #[test]

@@ -54,10 +54,16 @@ impl SetHeader {
             return Flow::CONTINUE;
         }
         // A rendered value that is not a valid header value (control characters from a
-        // variable) is not set.
+        // variable) is not set; with override, the header the client sent is removed rather
+        // than passed on as if it had been replaced.
         value.with(head, ctx, |head, _, v| match self.action {
             ExistsAction::Append => head.append_header(name, v.as_bytes()),
-            _ => head.set_header(name, v.as_bytes()),
+            _ => {
+                head.set_header(name, v.as_bytes()) || {
+                    head.remove_header(name);
+                    false
+                }
+            }
         });
         Flow::CONTINUE
     }
@@ -103,6 +109,15 @@ impl Policy for SetHeader {
 mod tests {
     use super::*;
     use outpost_plugin_sdk::testing::{on_request, on_response, policy, TestContext, TestHead};
+
+    #[test]
+    fn an_invalid_rendered_value_removes_the_clients_header() {
+        let p = policy::<SetHeader>(r#"{"name":"x-tenant","value":"{query.t}"}"#).unwrap();
+        let mut req = TestHead::request("GET", "/").with_header("x-tenant", "admin");
+        req.query = "t=a%0Ab".into();
+        on_request(&p, &mut req, &mut TestContext::default());
+        assert_eq!(req.header_str("x-tenant"), None);
+    }
 
     #[test]
     fn set_header_actions() {

@@ -397,8 +397,9 @@ pub struct HostProps {
     pub backend_url: Option<String>,
     /// `outpost.retry`: the retry rule (JSON).
     pub retry: Option<String>,
-    /// `outpost.response-header.*`: headers added to the client's response.
-    pub response_headers: Vec<(HeaderName, HeaderValue)>,
+    /// `outpost.response-header.*` (replace: `true`) and `outpost.response-header-add.*`
+    /// (append: `false`): headers for the client's response.
+    pub response_headers: Vec<(HeaderName, HeaderValue, bool)>,
     /// The running step set `outpost.on-response`.
     pub wants_response: bool,
     /// The running step set `outpost.notify-end`.
@@ -423,12 +424,24 @@ impl HostProps {
             "on-response" => self.wants_response = true,
             "notify-end" => self.wants_end = true,
             _ => {
-                if let Some(h) = name.strip_prefix("response-header.") {
+                let header = name
+                    .strip_prefix("response-header.")
+                    .map(|h| (h, true))
+                    .or_else(|| {
+                        name.strip_prefix("response-header-add.")
+                            .map(|h| (h, false))
+                    });
+                if let Some((h, replace)) = header {
                     match (
                         HeaderName::from_bytes(h.as_bytes()),
                         HeaderValue::from_str(value),
                     ) {
-                        (Ok(n), Ok(v)) => self.response_headers.push((n, v)),
+                        (Ok(n), Ok(v)) => {
+                            if replace {
+                                self.response_headers.retain(|(h, _, _)| *h != n);
+                            }
+                            self.response_headers.push((n, v, replace));
+                        }
                         _ => tracing::debug!(
                             header = h,
                             "A policy set a response header that is not valid HTTP; ignored."

@@ -243,6 +243,8 @@ pub(crate) fn parse_jwks(body: &[u8]) -> Result<(Vec<Key>, usize), String> {
     let mut skipped = 0;
     for v in &set.keys {
         match Key::from_jwk(v, None) {
+            // A published key set is public: a symmetric key in it would let anyone sign.
+            Ok(Some(k)) if k.family == Family::Hmac => skipped += 1,
             Ok(Some(k)) => keys.push(k),
             Ok(None) | Err(_) => skipped += 1,
         }

@@ -39,6 +39,26 @@ use crate::{check_status, refuse};
 /// The most claims copied into `jwt.<claim>` variables.
 const MAX_OUTPUT_CLAIMS: usize = 32;
 
+/// Claims output before any other (within [`MAX_OUTPUT_CLAIMS`]).
+const PRIORITY_CLAIMS: [&str; 16] = [
+    "sub",
+    "iss",
+    "aud",
+    "azp",
+    "client_id",
+    "appid",
+    "tid",
+    "oid",
+    "upn",
+    "email",
+    "preferred_username",
+    "name",
+    "scope",
+    "scp",
+    "roles",
+    "groups",
+];
+
 /// The algorithms accepted when `algorithms` is not given.
 const ALL_ALGORITHMS: [Algorithm; 12] = [
     Algorithm::RS256,
@@ -322,6 +342,13 @@ impl Policy for ValidateJwt {
         };
         let outcome = match answer {
             Ok(body) if stage == STAGE_OPENID => match parse_openid_configuration(body) {
+                // Keys named by a configuration fetched over https must come over https too.
+                Ok(jwks)
+                    if matches!(&self.remote, Some(Remote::OpenId(u)) if u.starts_with("https://"))
+                        && !jwks.starts_with("https://") =>
+                {
+                    Err(format!("its jwks_uri '{jwks}' is not https"))
+                }
                 Ok(jwks) => return self.fetch(ctx, STAGE_JWKS, &jwks),
                 Err(e) => Err(e),
             },
@@ -348,6 +375,13 @@ impl ValidateJwt {
                 let v = req
                     .header(name)
                     .ok_or_else(|| missing(format!("The request has no {name} header.")))?;
+                // A second value would reach the backend unchecked.
+                if req.header_values(name).nth(1).is_some() {
+                    return Err(Failure::new(
+                        "malformed",
+                        format!("The request has more than one {name} header."),
+                    ));
+                }
                 let v = std::str::from_utf8(v)
                     .map_err(|_| {
                         Failure::new("malformed", format!("The {name} header is not text."))
@@ -464,9 +498,17 @@ impl ValidateJwt {
         }
         if self.output_claims {
             let mut name = String::with_capacity(32);
-            for (claim, value) in token
+            // The registered and common identity claims first, so a token with many claims
+            // never loses `sub` (an empty `{jwt.sub}` would merge callers' limits and keys).
+            let first = PRIORITY_CLAIMS
+                .iter()
+                .filter_map(|k| token.claims.get_key_value(*k));
+            let rest = token
                 .claims
                 .iter()
+                .filter(|(k, _)| !PRIORITY_CLAIMS.contains(&k.as_str()));
+            for (claim, value) in first
+                .chain(rest)
                 .filter_map(|(k, v)| Some((k, variable_value(v)?)))
                 .take(MAX_OUTPUT_CLAIMS)
             {

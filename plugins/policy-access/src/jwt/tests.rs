@@ -269,9 +269,12 @@ fn claims_become_variables() {
     for i in 0..50 {
         many.insert(format!("c{i:02}"), json!(i));
     }
+    // `sub` sorts after the c00…c49 claims, yet is kept: identity claims come first.
+    many.insert("sub".into(), json!("zed"));
     let (flow, ctx, _) = run(&p, bearer(&s.sign(&Value::Object(many.clone()))));
     assert_eq!(flow, Flow::CONTINUE);
     assert_eq!(ctx.variables.len(), 32);
+    assert_eq!(ctx.variables["jwt.sub"], "zed");
     let mut cfg = inline(&s);
     cfg["output_claims"] = json!(false);
     let (flow, ctx, _) = run(&build(cfg), bearer(&s.sign(&Value::Object(many))));
@@ -806,4 +809,28 @@ fn inline_keys_work_beside_fetched_ones() {
     let (flow, ctx, _) = run(&p, bearer(&inline_key.sign(&claims())));
     assert_eq!(flow, Flow::CONTINUE);
     assert!(ctx.requests.is_empty());
+}
+
+#[test]
+fn a_second_authorization_header_is_refused() {
+    let s = Signer::hmac(Algorithm::HS256);
+    let p = build(inline(&s));
+    let token = s.sign(&claims());
+    let head = bearer(&token).with_header("Authorization", "Bearer forged");
+    let (flow, ctx, _) = run(&p, head);
+    let (status, _, body) = refusal(flow, &ctx);
+    assert_eq!(status, 401);
+    assert!(
+        body["message"].as_str().unwrap().contains("more than one"),
+        "{body}"
+    );
+}
+
+#[test]
+fn symmetric_keys_in_a_fetched_key_set_are_skipped() {
+    let hmac = Signer::hmac(Algorithm::HS256);
+    let ec = Signer::ec("ec-1");
+    let (keys, skipped) = super::keys::parse_jwks(&jwks(&[&hmac, &ec])).unwrap();
+    assert_eq!((keys.len(), skipped), (1, 1));
+    assert!(super::keys::parse_jwks(&jwks(&[&hmac])).is_err());
 }
