@@ -257,6 +257,36 @@ config = { path = \"/dev/null\" }"
   else
     echo "bench: $ACCESS_LOG missing (cargo build --release -p outpost-sink-access-log); skipping the telemetry variant" >&2
   fi
+  # The plain API with both telemetry sinks of issue 6: Application Insights (to a local
+  # ingestion endpoint on the load CPU, bench/ingest.py) and Prometheus (its own listener).
+  APPINSIGHTS=${OUTPOST_APPINSIGHTS:-$(dirname "$OUTPOST_BIN")/liboutpost_sink_appinsights.so}
+  PROMETHEUS=${OUTPOST_PROMETHEUS:-$(dirname "$OUTPOST_BIN")/liboutpost_sink_prometheus.so}
+  if [[ -f $APPINSIGHTS && -f $PROMETHEUS ]]; then
+    taskset -c "$LOAD_CPU" python3 "$REPO/bench/ingest.py" "$TMP/ingest.port" &
+    STARTED+=($!)
+    for _ in {1..50}; do [[ -s $TMP/ingest.port ]] && break; sleep 0.1; done
+    INGEST_PORT=$(<"$TMP/ingest.port")
+    METRICS_PORT=$(free_port)
+    start_outpost outpost-telemetry "$TMP/api.json" "[[plugins]]
+name = \"appinsights\"
+path = \"$APPINSIGHTS\"
+
+[[plugins]]
+name = \"prometheus\"
+path = \"$PROMETHEUS\"
+
+[[telemetry.sinks]]
+name = \"appinsights\"
+provider = \"appinsights\"
+config = { connection_string = \"InstrumentationKey=00000000-0000-0000-0000-000000000000;IngestionEndpoint=http://127.0.0.1:$INGEST_PORT/\" }
+
+[[telemetry.sinks]]
+name = \"prometheus\"
+provider = \"prometheus\"
+config = { listen = \"127.0.0.1:$METRICS_PORT\" }"
+  else
+    echo "bench: $APPINSIGHTS or $PROMETHEUS missing; skipping the two-sink variant" >&2
+  fi
 fi
 
 # --- measurement ------------------------------------------------------------
@@ -362,6 +392,11 @@ for size in "${SIZES[@]}"; do
     done
   done
 done
+
+if [[ -n ${INGEST_PORT:-} ]]; then
+  # What the two-sink variant delivered (telemetry that is dropped would cost less).
+  echo "bench: the ingestion endpoint received $(curl -fsS "http://127.0.0.1:$INGEST_PORT/") items; /metrics answered $(curl -fsS "http://127.0.0.1:$METRICS_PORT/metrics" | wc -l) lines" >&2
+fi
 
 # --- report -----------------------------------------------------------------
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }'; }
