@@ -9,11 +9,12 @@ use outpost_tests::gateway::{plugin_library, run_cli};
 use serde_json::{json, Value};
 
 /// The policy libraries in `plugins/`: crate directory and library file stem.
-const LIBRARIES: [(&str, &str); 4] = [
+const LIBRARIES: [(&str, &str); 5] = [
     ("policy-access", "outpost_policy_access"),
     ("policy-limits", "outpost_policy_limits"),
     ("policy-transform", "outpost_policy_transform"),
     ("policy-caching", "outpost_policy_caching"),
+    ("policy-telemetry", "outpost_policy_telemetry"),
 ];
 
 fn repo() -> PathBuf {
