@@ -27,7 +27,19 @@ pub struct Def {
     /// Label names.
     pub labels: Vec<String>,
     plain: AtomicU64,
-    series: Mutex<HashMap<Box<[String]>, f64>>,
+    /// Series by the hash of their label values (collisions share a bucket).
+    series: Mutex<HashMap<u64, Vec<(Box<[String]>, f64)>>>,
+}
+
+/// The hash of a series' label values: found without allocating a key.
+fn label_hash<'a>(values: impl Iterator<Item = &'a str>) -> u64 {
+    use std::hash::Hasher;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for v in values {
+        h.write(v.as_bytes());
+        h.write_u8(0xff);
+    }
+    h.finish()
 }
 
 /// Sets gauges whose value is computed when a snapshot is taken.
@@ -145,8 +157,10 @@ impl Registry {
                 });
             return;
         }
+        let hash = label_hash(label_values.iter().copied());
         let mut series = d.series.lock().unwrap_or_else(|e| e.into_inner());
-        match series.iter_mut().find(|(k, _)| {
+        let bucket = series.entry(hash).or_default();
+        match bucket.iter_mut().find(|(k, _)| {
             k.iter()
                 .map(String::as_str)
                 .eq(label_values.iter().copied())
@@ -154,7 +168,7 @@ impl Registry {
             Some((_, v)) => *v = f(*v),
             None => {
                 let key: Box<[String]> = label_values.iter().map(|v| (*v).to_owned()).collect();
-                series.insert(key, f(0.0));
+                bucket.push((key, f(0.0)));
             }
         }
     }
@@ -221,8 +235,8 @@ impl Registry {
                 });
             } else {
                 let series = d.series.lock().unwrap_or_else(|e| e.into_inner());
-                let mut rows: Vec<_> = series.iter().collect();
-                rows.sort_by(|a, b| a.0.cmp(b.0));
+                let mut rows: Vec<_> = series.values().flatten().collect();
+                rows.sort_by(|a, b| a.0.cmp(&b.0));
                 for (k, v) in rows {
                     out.push(Sample {
                         def: d.clone(),
