@@ -10,7 +10,8 @@ cd "$(dirname "$0")/.."
 # directory target/release/plugins/, so this list is the only one.
 PLUGINS=(
     outpost-policy-transform outpost-policy-access outpost-policy-limits outpost-policy-caching
-    outpost-cache-memory outpost-cache-redis outpost-sink-access-log
+    outpost-policy-telemetry outpost-cache-memory outpost-cache-redis
+    outpost-sink-access-log outpost-sink-appinsights outpost-sink-prometheus
     outpost-store-fs outpost-store-sqlite outpost-store-redis
 )
 packages=(-p outpost)
@@ -56,6 +57,18 @@ name = "redis-cache"
 library = "outpost_cache_redis"
 
 [[plugins]]
+name = "telemetry-policies"
+library = "outpost_policy_telemetry"
+
+[[plugins]]
+name = "appinsights"
+library = "outpost_sink_appinsights"
+
+[[plugins]]
+name = "prometheus"
+library = "outpost_sink_prometheus"
+
+[[plugins]]
 name = "transform"
 library = "outpost_policy_transform"
 
@@ -97,6 +110,17 @@ config = { url = "redis://127.0.0.1:6379" }
 name = "access"
 provider = "access-log"
 config = { path = "-" }
+
+# Nothing is contacted at check time; the Prometheus listener binds a free port.
+[[telemetry.sinks]]
+name = "appinsights"
+provider = "appinsights"
+config = { connection_string = "InstrumentationKey=00000000-0000-0000-0000-000000000000;IngestionEndpoint=http://127.0.0.1:9/" }
+
+[[telemetry.sinks]]
+name = "prometheus"
+provider = "prometheus"
+config = { listen = "127.0.0.1:0" }
 
 [config]
 type = "file"

@@ -1,6 +1,7 @@
 //! End-to-end tests: the real `outpost` binary, real sockets on port 0, real TLS.
 
 mod access;
+mod appinsights;
 mod caching;
 mod host_props;
 mod host_work;
@@ -10,6 +11,7 @@ mod plane;
 mod plugins;
 mod policy_docs;
 mod policy_limits;
+mod prometheus;
 mod protocols;
 mod replicas;
 mod routing;

@@ -2,12 +2,14 @@
 //! listeners on port 0, a real backend (HTTP/1.1, h2c, TLS, WebSocket, gRPC trailers) on port 0,
 //! and certificates made for each test.
 
+pub mod appinsights;
 pub mod backend;
 pub mod certs;
 pub mod control;
 pub mod gateway;
 pub mod redis;
 
+pub use appinsights::{Ingestion, Reply};
 pub use backend::{Backend, BackendOptions};
 pub use certs::{Ca, Leaf};
 pub use control::ControlPlane;

@@ -28,8 +28,11 @@ pub struct Def {
     pub labels: Vec<String>,
     plain: AtomicU64,
     /// Series by the hash of their label values (collisions share a bucket).
-    series: Mutex<HashMap<u64, Vec<(Box<[String]>, f64)>>>,
+    series: Mutex<HashMap<u64, Vec<Series>>>,
 }
+
+/// One series: its label values and value.
+type Series = (Box<[String]>, f64);
 
 /// The hash of a series' label values: found without allocating a key.
 fn label_hash<'a>(values: impl Iterator<Item = &'a str>) -> u64 {

@@ -1,0 +1,619 @@
+//! The sending thread: takes items from the sink's bounded buffer, sends them in batches on
+//! its own schedule, resends what the endpoint asks to have resent (after `max(Retry-After,
+//! backoff)`), spools batches to disk while the endpoint is unreachable and replays them,
+//! oldest first, once it answers again. The gateway's thread only builds items and appends
+//! them to the buffer; it never waits for the network.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::SyncSender;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use outpost_plugin_sdk::{host, level, Metric};
+
+use crate::config::Settings;
+use crate::spool::Spool;
+use crate::transport::{self, Answer, Reason, Transport};
+
+/// The metrics the sink defines, and the same counts kept locally (for tests and logs).
+#[derive(Debug)]
+pub struct Stats {
+    sent: AtomicU64,
+    retried: AtomicU64,
+    dropped: Mutex<HashMap<&'static str, u64>>,
+    spool_bytes: AtomicU64,
+    sent_metric: Metric,
+    retried_metric: Metric,
+    dropped_metric: Metric,
+    spool_metric: Metric,
+}
+
+/// Metric names (see the README).
+pub mod names {
+    /// Items the endpoint accepted.
+    pub const SENT: &str = "appinsights_items_sent_total";
+    /// Items dropped, by `reason`.
+    pub const DROPPED: &str = "appinsights_items_dropped_total";
+    /// Items scheduled to be sent again.
+    pub const RETRIED: &str = "appinsights_items_retried_total";
+    /// Bytes in the spool directory.
+    pub const SPOOL_BYTES: &str = "appinsights_spool_bytes";
+}
+
+impl Stats {
+    /// Defines the metrics with the gateway (inert without one).
+    pub fn new() -> Stats {
+        Stats {
+            sent: AtomicU64::new(0),
+            retried: AtomicU64::new(0),
+            dropped: Mutex::new(HashMap::new()),
+            spool_bytes: AtomicU64::new(0),
+            sent_metric: Metric::counter(
+                names::SENT,
+                "Telemetry items the Application Insights endpoint accepted.",
+                &[],
+            ),
+            retried_metric: Metric::counter(
+                names::RETRIED,
+                "Telemetry items scheduled to be sent to Application Insights again (throttled, failed, unreachable).",
+                &[],
+            ),
+            dropped_metric: Metric::counter(
+                names::DROPPED,
+                "Telemetry items not delivered to Application Insights, by reason (invalid, quota, rejected, spool_full, spool_corrupt, buffer_full, sampling, too_large, shutdown).",
+                &["reason"],
+            ),
+            spool_metric: Metric::gauge(
+                names::SPOOL_BYTES,
+                "Bytes of Application Insights batches waiting in the spool directory.",
+                &[],
+            ),
+        }
+    }
+
+    /// Counts accepted items.
+    pub fn sent(&self, n: usize) {
+        if n > 0 {
+            self.sent.fetch_add(n as u64, Ordering::Relaxed);
+            self.sent_metric.add(&[], n as f64);
+        }
+    }
+
+    /// Counts items to be resent.
+    pub fn retried(&self, n: usize) {
+        if n > 0 {
+            self.retried.fetch_add(n as u64, Ordering::Relaxed);
+            self.retried_metric.add(&[], n as f64);
+        }
+    }
+
+    /// Counts dropped items.
+    pub fn dropped(&self, reason: Reason, n: usize) {
+        if n > 0 {
+            *self
+                .dropped
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(reason.as_str())
+                .or_default() += n as u64;
+            self.dropped_metric.add(&[reason.as_str()], n as f64);
+        }
+    }
+
+    /// Sets the spool gauge.
+    pub fn spool_bytes(&self, bytes: u64) {
+        self.spool_bytes.store(bytes, Ordering::Relaxed);
+        self.spool_metric.set(&[], bytes as f64);
+    }
+
+    /// Items accepted so far.
+    pub fn sent_total(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
+    }
+
+    /// Items scheduled for resending so far.
+    pub fn retried_total(&self) -> u64 {
+        self.retried.load(Ordering::Relaxed)
+    }
+
+    /// Items dropped so far for a reason.
+    pub fn dropped_total(&self, reason: Reason) -> u64 {
+        self.dropped
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(reason.as_str())
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Bytes in the spool now.
+    pub fn spool_bytes_now(&self) -> u64 {
+        self.spool_bytes.load(Ordering::Relaxed)
+    }
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A flush request: deliver by the deadline, then answer.
+struct Flush {
+    deadline: Instant,
+    done: SyncSender<()>,
+}
+
+#[derive(Default)]
+struct State {
+    pending: VecDeque<Vec<u8>>,
+    oldest: Option<Instant>,
+    flush: Option<Flush>,
+    flush_deadline: Option<Instant>,
+    stop: bool,
+}
+
+/// The buffer between the gateway's thread and the sending thread.
+pub struct Queue {
+    state: Mutex<State>,
+    wake: Condvar,
+    max_pending: usize,
+    max_batch: usize,
+}
+
+impl Queue {
+    /// A buffer holding at most `max_pending` items.
+    pub fn new(max_pending: usize, max_batch: usize) -> Queue {
+        Queue {
+            state: Mutex::new(State::default()),
+            wake: Condvar::new(),
+            max_pending,
+            max_batch,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Appends items; when the buffer is full the oldest are dropped and counted.
+    pub fn push(&self, items: Vec<Vec<u8>>, stats: &Stats) {
+        if items.is_empty() {
+            return;
+        }
+        let mut s = self.lock();
+        let was_empty = s.pending.is_empty();
+        s.pending.extend(items);
+        let over = s.pending.len().saturating_sub(self.max_pending);
+        if over > 0 {
+            s.pending.drain(..over);
+            stats.dropped(Reason::BufferFull, over);
+        }
+        if was_empty {
+            s.oldest = Some(Instant::now());
+        }
+        let wake = was_empty || s.pending.len() >= self.max_batch;
+        drop(s);
+        if wake {
+            self.wake.notify_all();
+        }
+    }
+
+    /// Whether items are waiting.
+    pub fn has_pending(&self) -> bool {
+        !self.lock().pending.is_empty()
+    }
+
+    /// Asks the sending thread to deliver everything by `deadline`; `done` is signalled after.
+    pub fn flush(&self, deadline: Instant, done: SyncSender<()>) {
+        let mut s = self.lock();
+        s.flush = Some(Flush { deadline, done });
+        s.flush_deadline = Some(deadline);
+        drop(s);
+        self.wake.notify_all();
+    }
+
+    /// Stops the sending thread (after any flush in progress).
+    pub fn stop(&self) {
+        self.lock().stop = true;
+        self.wake.notify_all();
+    }
+
+    /// Whether an exchange in flight should be given up: stopping, or a flush needs the time
+    /// left to keep what is unsent.
+    fn hurry(&self) -> bool {
+        let s = self.lock();
+        s.stop
+            || s.flush_deadline
+                .is_some_and(|d| Instant::now() + Duration::from_millis(200) >= d)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    /// New items, never sent.
+    Fresh,
+    /// A batch kept in memory for resending (no spool).
+    Memory,
+    /// The oldest spooled batch.
+    Spool,
+}
+
+/// The sending thread's state.
+pub struct Sender {
+    settings: Arc<Settings>,
+    queue: Arc<Queue>,
+    stats: Arc<Stats>,
+    transport: Transport,
+    spool: Option<Spool>,
+    retry: Option<Vec<Vec<u8>>>,
+    not_before: Instant,
+    failures: u32,
+    endpoint: String,
+    redirects: u32,
+}
+
+/// The longest `Retry-After` honoured (a longer one is cut to this).
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(600);
+
+fn log(level: u8, message: String) {
+    host::log(level, &message);
+}
+
+impl Sender {
+    /// Prepares the thread's state: the HTTP client and the spool (taking stock of what a
+    /// previous run left).
+    pub fn new(
+        settings: Arc<Settings>,
+        queue: Arc<Queue>,
+        stats: Arc<Stats>,
+    ) -> std::io::Result<Sender> {
+        let transport = Transport::new()?;
+        let spool = match &settings.spool_dir {
+            Some(dir) => {
+                let s = Spool::open(dir, settings.spool_max_bytes)?;
+                if !s.is_empty() {
+                    log(
+                        level::INFO,
+                        format!(
+                            "Found {} spooled Application Insights batches ({} bytes) in {}; they are sent first.",
+                            s.len(),
+                            s.bytes(),
+                            dir.display()
+                        ),
+                    );
+                }
+                stats.spool_bytes(s.bytes());
+                Some(s)
+            }
+            None => None,
+        };
+        Ok(Sender {
+            endpoint: settings.connection.ingestion_endpoint.clone(),
+            settings,
+            queue,
+            stats,
+            transport,
+            spool,
+            retry: None,
+            not_before: Instant::now(),
+            failures: 0,
+            redirects: 0,
+        })
+    }
+
+    fn spooled(&self) -> bool {
+        self.spool.as_ref().is_some_and(|s| !s.is_empty())
+    }
+
+    /// The thread's loop; returns when the queue is stopped.
+    pub fn run(mut self) {
+        let interval = self.settings.flush_interval;
+        let max_batch = self.settings.max_batch_items;
+        let queue = self.queue.clone();
+        loop {
+            let mut q = queue.lock();
+            if let Some(flush) = q.flush.take() {
+                let pending = std::mem::take(&mut q.pending);
+                q.oldest = None;
+                drop(q);
+                self.flush(pending, flush.deadline);
+                queue.lock().flush_deadline = None;
+                let _ = flush.done.send(());
+                continue;
+            }
+            if q.stop {
+                return;
+            }
+            let now = Instant::now();
+            let sendable = now >= self.not_before;
+            let ready = q.pending.len() >= max_batch
+                || q.oldest.is_some_and(|t| now.duration_since(t) >= interval);
+            // What is spooled goes first; new batches line up behind it, on disk.
+            if ready && self.spool.is_some() && (!sendable || self.spooled()) {
+                let batch = cut(&mut q, max_batch);
+                drop(q);
+                self.spool_push(batch);
+                continue;
+            }
+            if sendable {
+                if let Some(batch) = self.retry.take() {
+                    drop(q);
+                    self.deliver(batch, Origin::Memory, self.settings.timeout);
+                    continue;
+                }
+                if self.spooled() {
+                    drop(q);
+                    self.deliver_spooled(self.settings.timeout);
+                    continue;
+                }
+                if ready {
+                    let batch = cut(&mut q, max_batch);
+                    drop(q);
+                    self.deliver(batch, Origin::Fresh, self.settings.timeout);
+                    continue;
+                }
+            }
+            let mut wake: Option<Instant> = None;
+            if let Some(t) = q.oldest {
+                if !ready {
+                    wake = Some(t + interval);
+                }
+            }
+            if !sendable && (self.retry.is_some() || self.spooled() || ready) {
+                wake = Some(wake.map_or(self.not_before, |w| w.min(self.not_before)));
+            }
+            let wait = wake.map_or(Duration::from_secs(3600), |w| {
+                w.saturating_duration_since(now)
+            });
+            let _ = queue
+                .wake
+                .wait_timeout(q, wait.max(Duration::from_millis(1)));
+        }
+    }
+
+    /// The delay before the next attempt after `failures` failures in a row: doubling from
+    /// `retry_initial`, capped at `retry_max`, with up to 10 % jitter.
+    fn backoff(&self) -> Duration {
+        let base = self
+            .settings
+            .retry_initial
+            .saturating_mul(1u32 << self.failures.min(20))
+            .min(self.settings.retry_max);
+        base + base.mul_f64(fastrand::f64() * 0.1)
+    }
+
+    /// Sends a batch and acts on the answer.
+    fn deliver(&mut self, mut items: Vec<Vec<u8>>, from: Origin, timeout: Duration) {
+        let n = items.len();
+        let queue = self.queue.clone();
+        let answer = self
+            .transport
+            .send(&self.endpoint, transport::body(&items), timeout, &|| {
+                queue.hurry()
+            });
+        let verdict = transport::judge(&answer, n);
+        self.stats.sent(verdict.accepted);
+        for (reason, count) in &verdict.dropped {
+            self.stats.dropped(*reason, *count);
+            log(
+                level::WARN,
+                format!(
+                    "Application Insights refused {count} items ({}); they are dropped: {}.",
+                    reason.as_str(),
+                    verdict.summary
+                ),
+            );
+        }
+        if verdict.resend.is_empty() {
+            if self.failures > 0 {
+                log(
+                    level::INFO,
+                    format!(
+                        "Application Insights ingestion answers again at {}.",
+                        self.endpoint
+                    ),
+                );
+            }
+            self.failures = 0;
+            self.redirects = 0;
+            self.not_before = Instant::now();
+            if from == Origin::Spool {
+                self.pop_spooled();
+            }
+            return;
+        }
+
+        let rest: Vec<Vec<u8>> = if verdict.resend.len() == n {
+            items
+        } else {
+            verdict
+                .resend
+                .iter()
+                .map(|&i| std::mem::take(&mut items[i]))
+                .collect()
+        };
+        self.stats.retried(rest.len());
+        let delay = match (&verdict.redirect, self.redirects < 10) {
+            (Some(to), true) => {
+                self.redirects += 1;
+                log(
+                    level::INFO,
+                    format!("Application Insights redirected ingestion to {to}."),
+                );
+                self.endpoint = to.clone();
+                Duration::ZERO
+            }
+            _ => {
+                if verdict.accepted > 0 {
+                    self.failures = 0;
+                }
+                let backoff = self.backoff();
+                self.failures += 1;
+                let asked = verdict.retry_after.unwrap_or_default().min(MAX_RETRY_AFTER);
+                let delay = backoff.max(asked);
+                let what = if matches!(answer, Answer::Failed(_)) {
+                    "unreachable"
+                } else {
+                    "asked for a retry"
+                };
+                log(
+                    if self.failures == 1 { level::WARN } else { level::DEBUG },
+                    format!(
+                        "Application Insights ingestion {what} ({}); {} items are sent again in {} ms{}.",
+                        verdict.summary,
+                        rest.len(),
+                        delay.as_millis(),
+                        if self.spool.is_some() { ", spooled meanwhile" } else { "" }
+                    ),
+                );
+                delay
+            }
+        };
+        self.not_before = Instant::now() + delay;
+        match (from, self.spool.is_some()) {
+            (Origin::Spool, _) => {
+                if rest.len() < n {
+                    let gz = transport::body(&rest);
+                    if let Some(s) = self.spool.as_mut() {
+                        if let Err(e) = s.shrink_oldest(&gz, rest.len()) {
+                            log(
+                                level::ERROR,
+                                format!("Cannot rewrite a spooled batch: {e}."),
+                            );
+                        }
+                        self.stats.spool_bytes(s.bytes());
+                    }
+                }
+            }
+            (_, true) => self.spool_push(rest),
+            (_, false) => self.retry = Some(rest),
+        }
+    }
+
+    /// Sends the oldest spooled batch.
+    fn deliver_spooled(&mut self, timeout: Duration) {
+        let Some(spool) = self.spool.as_ref() else {
+            return;
+        };
+        let Some(entry) = spool.oldest().cloned() else {
+            return;
+        };
+        let read = spool.read(&entry).and_then(|gz| transport::items(&gz));
+        match read {
+            Ok(items) if !items.is_empty() => self.deliver(items, Origin::Spool, timeout),
+            Ok(_) => self.pop_spooled(),
+            Err(e) => {
+                log(
+                    level::ERROR,
+                    format!(
+                        "Spooled batch {} is unreadable ({e}); its {} items are dropped.",
+                        entry.path.display(),
+                        entry.items
+                    ),
+                );
+                self.stats.dropped(Reason::SpoolCorrupt, entry.items);
+                self.pop_spooled();
+            }
+        }
+    }
+
+    /// Deletes the oldest spooled batch.
+    fn pop_spooled(&mut self) {
+        if let Some(s) = self.spool.as_mut() {
+            s.pop_oldest();
+            self.stats.spool_bytes(s.bytes());
+        }
+    }
+
+    /// Writes a batch to the spool (dropping the oldest past the bound).
+    fn spool_push(&mut self, items: Vec<Vec<u8>>) {
+        let Some(spool) = self.spool.as_mut() else {
+            return;
+        };
+        let n = items.len();
+        let gz = transport::body(&items);
+        match spool.push(&gz, n, host::now_unix_ms()) {
+            Ok(dropped) => {
+                if dropped > 0 {
+                    log(
+                        level::WARN,
+                        format!("The Application Insights spool is full; {dropped} of the oldest items are dropped."),
+                    );
+                }
+                self.stats.dropped(Reason::SpoolFull, dropped);
+            }
+            Err(e) => {
+                log(
+                    level::ERROR,
+                    format!("Cannot write to the Application Insights spool ({e}); {n} items are dropped."),
+                );
+                self.stats.dropped(Reason::SpoolFull, n);
+            }
+        }
+        self.stats.spool_bytes(spool.bytes());
+    }
+
+    /// Delivers what it can by the deadline, spooled batches first; what is left goes to the
+    /// spool (or is dropped and counted without one) and is sent after the next start.
+    fn flush(&mut self, mut pending: VecDeque<Vec<u8>>, deadline: Instant) {
+        let max_batch = self.settings.max_batch_items;
+        loop {
+            let now = Instant::now();
+            if now >= deadline || now < self.not_before {
+                break;
+            }
+            let timeout = self
+                .settings
+                .timeout
+                .min(deadline.saturating_duration_since(now));
+            if let Some(batch) = self.retry.take() {
+                self.deliver(batch, Origin::Memory, timeout);
+                continue;
+            }
+            if self.spooled() {
+                self.deliver_spooled(timeout);
+                continue;
+            }
+            if pending.is_empty() {
+                break;
+            }
+            let n = pending.len().min(max_batch);
+            let batch: Vec<Vec<u8>> = pending.drain(..n).collect();
+            self.deliver(batch, Origin::Fresh, timeout);
+        }
+        let mut left = self.retry.take().unwrap_or_default();
+        left.extend(pending);
+        if left.is_empty() {
+            return;
+        }
+        if self.spool.is_some() {
+            while !left.is_empty() {
+                let n = left.len().min(max_batch);
+                let batch: Vec<Vec<u8>> = left.drain(..n).collect();
+                self.spool_push(batch);
+            }
+        } else {
+            log(
+                level::WARN,
+                format!(
+                    "{} Application Insights items were not delivered before shutdown and are dropped (no spool_dir).",
+                    left.len()
+                ),
+            );
+            self.stats.dropped(Reason::Shutdown, left.len());
+        }
+    }
+}
+
+fn cut(state: &mut State, max: usize) -> Vec<Vec<u8>> {
+    let n = state.pending.len().min(max);
+    let batch: Vec<Vec<u8>> = state.pending.drain(..n).collect();
+    state.oldest = if state.pending.is_empty() {
+        None
+    } else {
+        Some(Instant::now())
+    };
+    batch
+}
