@@ -164,9 +164,12 @@ fn config<C: serde::de::DeserializeOwned>(json: &str) -> Result<C, PluginError> 
         let mut de = serde_json::Deserializer::from_str(json);
         let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
             let path = e.path().to_string();
-            match path.as_str() {
-                "" | "." => e.into_inner().to_string(),
-                _ => format!("{path}: {}", e.into_inner()),
+            let inner = e.into_inner().to_string();
+            // An unknown top-level field already names itself.
+            if matches!(path.as_str(), "" | ".") || inner.contains(&format!("`{path}`")) {
+                inner
+            } else {
+                format!("{path}: {inner}")
             }
         })?;
         de.end().map_err(|e| e.to_string())?;
