@@ -529,3 +529,91 @@ async fn sampling_at_zero_still_sends_every_failure() {
     );
     assert_all_valid(&fake);
 }
+
+#[tokio::test]
+async fn emit_metric_reaches_both_sinks() {
+    let fake = Ingestion::start();
+    let backend = Backend::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let addr_file = dir.path().join("metrics.addr");
+    let manifest = format!(
+        "[gateway]\nid = \"edge-e2e\"\n\n{LISTENER_HTTP}\n\
+         [[plugins]]\nname = \"appinsights\"\npath = \"{}\"\n\n\
+         [[plugins]]\nname = \"prometheus\"\npath = \"{}\"\n\n\
+         [[plugins]]\nname = \"telemetry\"\npath = \"{}\"\n\n\
+         [telemetry]\nflush_interval_ms = 50\nmetrics_interval_ms = 100\nshutdown_flush_ms = 5000\n\n\
+         [[telemetry.sinks]]\nname = \"ai\"\nprovider = \"appinsights\"\nconfig = {{ {} }}\n\n\
+         [[telemetry.sinks]]\nname = \"prom\"\nprovider = \"prometheus\"\nconfig = {{ listen = \"127.0.0.1:0\", address_file = \"{}\" }}\n",
+        plugin_library("outpost_sink_appinsights").display(),
+        plugin_library("outpost_sink_prometheus").display(),
+        plugin_library("outpost_policy_telemetry").display(),
+        sink_config(&fake, "dependencies = false"),
+        addr_file.display(),
+    );
+    let mut api = api(&backend.url(false));
+    api["apis"][0]["operations"][0]["policies"] = json!({ "inbound": [{
+        "policy": "emit-metric",
+        "config": { "name": "orders_seen", "dimensions": [{ "name": "tenant", "value": "{header.x-tenant}" }] }
+    }] });
+    let mut gw = Gateway::start(GatewaySpec {
+        manifest,
+        api,
+        files: Vec::new(),
+        watch_ms: 100,
+    });
+    let c = client();
+    for tenant in ["acme", "acme", "acme", "globex"] {
+        let r = c
+            .get(gw.url("/shop/items/echo"))
+            .header("x-tenant", tenant)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+
+    // Prometheus: the counter with its dimension.
+    let deadline = Instant::now() + WAIT;
+    let text = loop {
+        let addr = std::fs::read_to_string(&addr_file).unwrap_or_default();
+        if !addr.trim().is_empty() {
+            let t = c
+                .get(format!("http://{}/metrics", addr.trim()))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            if t.contains("orders_seen_total{tenant=\"globex\"} 1") {
+                break t;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no emit-metric series in /metrics"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        text.contains("orders_seen_total{tenant=\"acme\"} 3"),
+        "{text}"
+    );
+
+    // Application Insights: the same counter as MetricData, with the dimension.
+    stop(&mut gw);
+    assert_all_valid(&fake);
+    let metrics = fake.accepted_of("MetricData");
+    let total = |tenant: &str| -> f64 {
+        metrics
+            .iter()
+            .filter(|m| {
+                base(m)["metrics"][0]["name"] == "orders_seen_total"
+                    && base(m)["properties"]["tenant"] == tenant
+            })
+            .map(|m| base(m)["metrics"][0]["value"].as_f64().unwrap())
+            .sum()
+    };
+    assert_eq!(total("acme"), 3.0, "{metrics:?}");
+    assert_eq!(total("globex"), 1.0, "{metrics:?}");
+}

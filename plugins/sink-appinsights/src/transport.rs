@@ -243,7 +243,7 @@ pub fn retry_after(value: &str, now: SystemTime) -> Option<Duration> {
 /// Gzip of the items as NDJSON.
 pub fn body(items: &[Vec<u8>]) -> Vec<u8> {
     let size = items.iter().map(|i| i.len() + 1).sum::<usize>();
-    let mut gz = GzEncoder::new(Vec::with_capacity(size / 4 + 64), Compression::default());
+    let mut gz = GzEncoder::new(Vec::with_capacity(size / 4 + 64), Compression::fast());
     for item in items {
         // Writing to a Vec cannot fail.
         let _ = gz.write_all(item);
