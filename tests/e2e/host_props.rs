@@ -324,3 +324,30 @@ async fn a_body_replaced_by_one_step_is_what_the_next_step_reads() {
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["body"], "REPLACED BY A POLICY", "{body}");
 }
+
+#[tokio::test]
+async fn a_first_fast_retry_does_not_wait() {
+    let a = Backend::start().await;
+    // One retry after a 30 s interval, unless the first retry is fast.
+    let rule = json!({ "count": 1, "interval_ms": 30000, "statuses": [[503, 503]],
+                       "first_fast_retry": true })
+    .to_string();
+    let gw = Gateway::start(spec(
+        &a.url(false),
+        &a.url(false),
+        json!([op(
+            "fast",
+            "GET",
+            "/fast/flaky/{n}",
+            json!([set("outpost.retry", &rule)])
+        )]),
+    ));
+    let r = client()
+        .get(gw.url("/svc/fast/flaky/1"))
+        .timeout(std::time::Duration::from_secs(10))
+        .send()
+        .await
+        .expect("answered without waiting the interval");
+    assert_eq!(r.status(), 200);
+    assert_eq!(a.flaky_attempts(), 2);
+}

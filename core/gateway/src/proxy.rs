@@ -791,6 +791,9 @@ struct RetryRule {
     statuses: Vec<(u16, u16)>,
     #[serde(default = "yes")]
     on_connect_failure: bool,
+    /// The first retry goes at once; later ones wait as above (APIM's `first-fast-retry`).
+    #[serde(default)]
+    first_fast_retry: bool,
 }
 
 fn one() -> u32 {
@@ -865,6 +868,9 @@ async fn send_with_retries(
         }
         attempt += 1;
         drop(answer);
+        if attempt == 1 && rule.first_fast_retry {
+            continue;
+        }
         let pause = if rule.jitter {
             fastrand::u64(wait / 2..=wait)
         } else {

@@ -155,9 +155,6 @@ impl Policy for Retry {
                 "nothing to retry on: list status_codes, or keep on_connect_failure true".into(),
             );
         }
-        if c.first_fast_retry {
-            return Err("first_fast_retry: not supported; the gateway waits `interval` before every retry (use interval 0 for immediate retries)".into());
-        }
         let interval = millis("interval", c.interval, c.interval_ms)?;
         let max_interval = millis("max_interval", c.max_interval, c.max_interval_ms)?;
         let delta = millis("delta", c.delta, c.delta_ms)?;
@@ -189,6 +186,7 @@ impl Policy for Retry {
             "jitter": c.jitter,
             "statuses": ranges,
             "on_connect_failure": c.on_connect_failure,
+            "first_fast_retry": c.first_fast_retry,
         })
         .to_string();
         Ok(Retry {
@@ -251,7 +249,7 @@ mod tests {
             rule(r#"{"condition":{"status_codes":[[500,599],429]},"count":3,"interval":1}"#),
             serde_json::json!({"count":3,"interval_ms":1000,"max_interval_ms":30000,
                 "exponential":false,"jitter":false,"statuses":[[500,599],[429,429]],
-                "on_connect_failure":true})
+                "on_connect_failure":true,"first_fast_retry":false})
         );
         // Exponential: delta with max_interval; milliseconds spellings.
         assert_eq!(
@@ -260,7 +258,7 @@ mod tests {
             ),
             serde_json::json!({"count":5,"interval_ms":100,"max_interval_ms":2000,
                 "exponential":true,"jitter":true,"statuses":[[503,503]],
-                "on_connect_failure":false})
+                "on_connect_failure":false,"first_fast_retry":false})
         );
         // No interval: delta is the first wait.
         let r = rule(r#"{"count":2,"delta":1,"max_interval":10}"#);
@@ -269,6 +267,9 @@ mod tests {
             (Some(1000), Some(10000))
         );
         assert_eq!(r["statuses"], serde_json::json!([]));
+        // APIM's first-fast-retry: the first retry does not wait.
+        let r = rule(r#"{"count":2,"interval":1,"first_fast_retry":true}"#);
+        assert_eq!(r["first_fast_retry"], true);
     }
 
     #[test]
@@ -328,7 +329,6 @@ mod tests {
                 r#"{"count":1,"on_connect_failure":false}"#,
                 "nothing to retry on",
             ),
-            (r#"{"count":1,"first_fast_retry":true}"#, "first_fast_retry"),
             (
                 r#"{"count":1,"interval":1,"interval_ms":5}"#,
                 "`interval` or `interval_ms`",
