@@ -408,13 +408,18 @@ async fn serve(
     // subscription key (browsers send neither); a policy that answers it ends the request.
     if let Some(pre) = api.preflight.as_deref() {
         if is_preflight(&req) {
-            let (mut parts, body) = req.into_parts();
+            // On a copy of the head: when no step answers, the request goes on as it came,
+            // without what the preflight run changed.
+            let (mut copy, ()) = Request::new(()).into_parts();
+            copy.method = req.method().clone();
+            copy.uri = req.uri().clone();
+            copy.version = req.version();
+            copy.headers = req.headers().clone();
             if let Some(resp) =
-                preflight(shared, conn, pre, api, &mut parts, request_id, ids).await?
+                preflight(shared, conn, pre, api, &mut copy, request_id, ids).await?
             {
                 return Ok(resp);
             }
-            req = Request::from_parts(parts, body);
         }
     }
     let path = req.uri().path();
