@@ -6,7 +6,7 @@ use outpost_tests::gateway::{plugin_library, LISTENER_HTTP};
 use outpost_tests::{closed_port, Backend, Gateway, GatewaySpec};
 use serde_json::{json, Value};
 
-use crate::{assert_error, client};
+use crate::{assert_error, client, op, two_backend_api};
 
 fn manifest() -> String {
     format!(
@@ -23,20 +23,15 @@ fn set(name: &str, value: &str) -> Value {
 fn spec(a: &str, b: &str, operations: Value) -> GatewaySpec {
     GatewaySpec {
         manifest: manifest(),
-        api: json!({
-            "version": "h1",
-            "backends": [{ "id": "a", "urls": [a] }, { "id": "b", "urls": [b] }],
-            "apis": [{ "id": "svc", "path": "/svc", "backend": "a", "subscription_required": false,
-                       "operations": operations }],
-        }),
+        api: two_backend_api(a, b, operations),
         files: Vec::new(),
         watch_ms: 100,
     }
 }
 
-fn op(id: &str, method: &str, template: &str, inbound: Value) -> Value {
-    json!({ "id": id, "method": method, "url_template": template,
-            "policies": { "inbound": inbound } })
+/// An operation with inbound steps only.
+fn inbound(id: &str, method: &str, template: &str, steps: Value) -> Value {
+    op(id, method, template, steps, json!([]))
 }
 
 #[tokio::test]
@@ -47,13 +42,13 @@ async fn policies_choose_the_backend_by_id_or_url() {
         &a.url(false),
         &b.url(false),
         json!([
-            op(
+            inbound(
                 "by-id",
                 "GET",
                 "/by-id/echo",
                 json!([set("outpost.backend", "b")])
             ),
-            op(
+            inbound(
                 "by-url",
                 "GET",
                 "/by-url/echo",
@@ -62,19 +57,19 @@ async fn policies_choose_the_backend_by_id_or_url() {
                     &format!("{}/base", b.url(false))
                 )])
             ),
-            op(
+            inbound(
                 "unknown",
                 "GET",
                 "/unknown/echo",
                 json!([set("outpost.backend", "zzz")])
             ),
-            op(
+            inbound(
                 "bad-url",
                 "GET",
                 "/bad-url/echo",
                 json!([set("outpost.backend-url", "ftp://x")])
             ),
-            op("plain", "GET", "/plain/echo", json!([])),
+            inbound("plain", "GET", "/plain/echo", json!([])),
         ]),
     ));
     let c = client();
@@ -132,7 +127,7 @@ async fn retries_follow_the_rule_and_resend_the_same_body() {
         &a.url(false),
         &dead,
         json!([
-            op(
+            inbound(
                 "flaky",
                 "*",
                 "/flaky/{n}",
@@ -140,19 +135,19 @@ async fn retries_follow_the_rule_and_resend_the_same_body() {
                 json!([{ "policy": "body-upper", "config": { "limit": 1024 } },
                        set("outpost.retry", &rule(3, json!([[500, 599]])))])
             ),
-            op(
+            inbound(
                 "streamed",
                 "POST",
                 "/streamed/flaky/{n}",
                 json!([set("outpost.retry", &rule(3, json!([[500, 599]])))])
             ),
-            op(
+            inbound(
                 "other",
                 "GET",
                 "/other/flaky/{n}",
                 json!([set("outpost.retry", &rule(3, json!([[429, 429]])))])
             ),
-            op(
+            inbound(
                 "dead",
                 "GET",
                 "/dead",
@@ -161,7 +156,7 @@ async fn retries_follow_the_rule_and_resend_the_same_body() {
                     set("outpost.retry", &rule(2, json!([])))
                 ])
             ),
-            op(
+            inbound(
                 "bad",
                 "GET",
                 "/bad",
@@ -235,7 +230,7 @@ async fn response_headers_reach_every_answer() {
         &a.url(false),
         &dead,
         json!([
-            op(
+            inbound(
                 "ok",
                 "GET",
                 "/ok/echo",
@@ -251,7 +246,7 @@ async fn response_headers_reach_every_answer() {
                     set("outpost.response-header-add.x-multi", "two")
                 ])
             ),
-            op(
+            inbound(
                 "down",
                 "GET",
                 "/down",
@@ -260,7 +255,7 @@ async fn response_headers_reach_every_answer() {
                     set("outpost.backend", "b")
                 ])
             ),
-            op(
+            inbound(
                 "readonly",
                 "GET",
                 "/readonly/echo",
@@ -298,7 +293,7 @@ async fn a_body_replaced_by_one_step_is_what_the_next_step_reads() {
     let mut spec = spec(
         &a.url(false),
         &a.url(false),
-        json!([op(
+        json!([inbound(
             "chain",
             "POST",
             "/chain/echo",
@@ -335,7 +330,7 @@ async fn a_first_fast_retry_does_not_wait() {
     let gw = Gateway::start(spec(
         &a.url(false),
         &a.url(false),
-        json!([op(
+        json!([inbound(
             "fast",
             "GET",
             "/fast/flaky/{n}",

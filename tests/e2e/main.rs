@@ -41,6 +41,22 @@ pub fn open_api(backend_url: &str) -> Value {
     )
 }
 
+/// One open API `svc` at `/svc` on backend `a`, a second backend `b`, and these operations.
+pub fn two_backend_api(a: &str, b: &str, operations: Value) -> Value {
+    json!({
+        "version": "t1",
+        "backends": [{ "id": "a", "urls": [a] }, { "id": "b", "urls": [b] }],
+        "apis": [{ "id": "svc", "path": "/svc", "backend": "a", "subscription_required": false,
+                   "operations": operations }],
+    })
+}
+
+/// An operation with its inbound and outbound policy steps.
+pub fn op(id: &str, method: &str, template: &str, inbound: Value, outbound: Value) -> Value {
+    json!({ "id": id, "method": method, "url_template": template,
+            "policies": { "inbound": inbound, "outbound": outbound } })
+}
+
 /// A plain HTTP client that does not pool (each test sees its own connections).
 pub fn client() -> reqwest::Client {
     outpost_tests::init_crypto();

@@ -11,7 +11,7 @@ use outpost_tests::{closed_port, Backend, Gateway, GatewaySpec};
 use serde_json::{json, Value};
 use tokio::io::AsyncReadExt;
 
-use crate::{assert_error, client};
+use crate::{assert_error, client, op, two_backend_api};
 
 fn manifest() -> String {
     format!(
@@ -25,21 +25,11 @@ fn step(policy: &str, config: Value) -> Value {
     json!({ "policy": policy, "config": config })
 }
 
-fn op(id: &str, method: &str, template: &str, inbound: Value, outbound: Value) -> Value {
-    json!({ "id": id, "method": method, "url_template": template,
-            "policies": { "inbound": inbound, "outbound": outbound } })
-}
-
 /// Backends `a` (the API's) and `b`; one open API `svc` at `/svc` with these operations.
 fn spec(a: &str, b: &str, operations: Value) -> GatewaySpec {
     GatewaySpec {
         manifest: manifest(),
-        api: json!({
-            "version": "t1",
-            "backends": [{ "id": "a", "urls": [a] }, { "id": "b", "urls": [b] }],
-            "apis": [{ "id": "svc", "path": "/svc", "backend": "a", "subscription_required": false,
-                       "operations": operations }],
-        }),
+        api: two_backend_api(a, b, operations),
         files: Vec::new(),
         watch_ms: 100,
     }
@@ -48,6 +38,11 @@ fn spec(a: &str, b: &str, operations: Value) -> GatewaySpec {
 async fn echo(r: reqwest::Response) -> Value {
     assert_eq!(r.status(), 200, "not the echo answer");
     r.json().await.expect("echo JSON")
+}
+
+/// GET through the gateway; the echo backend's JSON.
+async fn get_echo(c: &reqwest::Client, gw: &Gateway, path: &str) -> Value {
+    echo(c.get(gw.url(path)).send().await.unwrap()).await
 }
 
 #[tokio::test]
@@ -126,46 +121,22 @@ async fn uri_query_and_method_policies_change_what_the_backend_sees() {
     let c = client();
 
     // Override keeps the other parameters and their order; the value is encoded.
-    let v = echo(
-        c.get(gw.url("/svc/query/echo?keep=1&q=old&z=2"))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let v = get_echo(&c, &gw, "/svc/query/echo?keep=1&q=old&z=2").await;
     assert_eq!(v["uri"], "/query/echo?keep=1&q=a%20b%26c&z=2", "{v}");
-    let v = echo(c.get(gw.url("/svc/query/echo")).send().await.unwrap()).await;
+    let v = get_echo(&c, &gw, "/svc/query/echo").await;
     assert_eq!(v["uri"], "/query/echo?q=a%20b%26c", "{v}");
-    let v = echo(c.get(gw.url("/svc/tags/echo?tag=w")).send().await.unwrap()).await;
+    let v = get_echo(&c, &gw, "/svc/tags/echo?tag=w").await;
     assert_eq!(v["uri"], "/tags/echo?tag=w&tag=x&tag=y", "{v}");
-    let v = echo(
-        c.get(gw.url("/svc/delete/echo?secret=s&a=1&secret=t"))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let v = get_echo(&c, &gw, "/svc/delete/echo?secret=s&a=1&secret=t").await;
     assert_eq!(v["uri"], "/delete/echo?a=1", "{v}");
-    let v = echo(
-        c.get(gw.url("/svc/delete/echo?secret=s"))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let v = get_echo(&c, &gw, "/svc/delete/echo?secret=s").await;
     assert_eq!(v["uri"], "/delete/echo", "{v}");
 
     // rewrite-uri: the template parameter from the path, a query parameter it uses, the
     // template's own query, and the rest of the client's query copied.
-    let v = echo(
-        c.get(gw.url("/svc/users/42?view=full&page=3"))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let v = get_echo(&c, &gw, "/svc/users/42?view=full&page=3").await;
     assert_eq!(v["uri"], "/echo/accounts/42?view=full&x=1&page=3", "{v}");
-    let v = echo(c.get(gw.url("/svc/items/7?page=3")).send().await.unwrap()).await;
+    let v = get_echo(&c, &gw, "/svc/items/7?page=3").await;
     assert_eq!(v["uri"], "/echo/7", "{v}");
     let body = assert_error(
         c.get(gw.url("/svc/broken/1")).send().await.unwrap(),
@@ -181,7 +152,7 @@ async fn uri_query_and_method_policies_change_what_the_backend_sees() {
         "{body}"
     );
 
-    let v = echo(c.get(gw.url("/svc/method/echo")).send().await.unwrap()).await;
+    let v = get_echo(&c, &gw, "/svc/method/echo").await;
     assert_eq!(v["method"], "PATCH", "{v}");
 }
 
@@ -258,11 +229,11 @@ async fn set_backend_service_sends_the_request_elsewhere() {
     ));
     let c = client();
 
-    let v = echo(c.get(gw.url("/svc/by-id/echo")).send().await.unwrap()).await;
+    let v = get_echo(&c, &gw, "/svc/by-id/echo").await;
     assert_eq!(v["uri"], "/by-id/echo");
     assert_eq!((a.requests(), b.requests()), (0, 1), "b answered");
 
-    let v = echo(c.get(gw.url("/svc/by-url/echo?q=1")).send().await.unwrap()).await;
+    let v = get_echo(&c, &gw, "/svc/by-url/echo?q=1").await;
     assert_eq!(v["uri"], "/base/by-url/echo?q=1", "{v}");
     assert_eq!(
         (a.requests(), b.requests()),
@@ -270,7 +241,7 @@ async fn set_backend_service_sends_the_request_elsewhere() {
         "b answered, under its base path"
     );
 
-    echo(c.get(gw.url("/svc/plain/echo")).send().await.unwrap()).await;
+    get_echo(&c, &gw, "/svc/plain/echo").await;
     assert_eq!(
         (a.requests(), b.requests()),
         (1, 2),
