@@ -14,6 +14,7 @@ pub mod listener;
 pub mod metrics;
 pub mod plane;
 pub mod plugins;
+pub mod pool;
 pub mod proxy;
 pub mod reload;
 pub mod router;

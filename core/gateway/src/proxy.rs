@@ -640,13 +640,16 @@ async fn serve(
         let head_request = parts.method == Method::HEAD;
         let backend_started = record.is_some().then(tokio::time::Instant::now);
         let resp = match retry.and_then(|rule| Some((rule, source.replayable()?))) {
-            Some((rule, body)) => send_with_retries(shared, backend, parts, body, &rule).await?,
+            Some((rule, body)) => {
+                send_with_retries(shared, backend, target, parts, body, &rule).await?
+            }
             None => {
                 let progress = has_body.then(Progress::new);
                 let body = RequestBody::new(source, shared.limits.max_body_bytes, progress.clone());
                 send(
                     shared,
                     backend,
+                    target,
                     Request::from_parts(parts, body),
                     progress.as_deref(),
                 )
@@ -736,11 +739,17 @@ async fn serve(
 async fn send(
     shared: &Shared,
     backend: &BackendRoute,
+    target: &Target,
     req: Request<RequestBody>,
     progress: Option<&Progress>,
 ) -> Result<Response<Incoming>, ProxyError> {
     let timeout = Duration::from_millis(shared.upstream.response_header_timeout_ms);
-    let sent = backend.client.request(req);
+    let sent = async {
+        match &target.pool {
+            Some(pool) => pool.send(req).await.map_err(SendError::Pool),
+            None => backend.client.request(req).await.map_err(SendError::Client),
+        }
+    };
     let result = match progress {
         None => tokio::time::timeout(timeout, sent).await.map_err(|_| ()),
         Some(progress) => {
@@ -851,6 +860,7 @@ impl RetryRule {
 async fn send_with_retries(
     shared: &Shared,
     backend: &BackendRoute,
+    target: &Target,
     parts: http::request::Parts,
     body: bytes::Bytes,
     rule: &RetryRule,
@@ -867,7 +877,7 @@ async fn send_with_retries(
         *req.uri_mut() = parts.uri.clone();
         *req.version_mut() = parts.version;
         *req.headers_mut() = parts.headers.clone();
-        let answer = send(shared, backend, req, None).await;
+        let answer = send(shared, backend, target, req, None).await;
         if attempt >= rule.count || !rule.again(&parts.method, &answer) {
             return answer;
         }
@@ -1206,8 +1216,31 @@ fn without_param(query: &str, name: &str) -> String {
 
 /// Maps a client error to the answer: body limit → 413, client went away → 400, connect
 /// timeout → 504, connection refused → 502, anything else from the backend → 502.
-fn classify(backend: &str, e: &hyper_util::client::legacy::Error) -> ProxyError {
-    let mut source: Option<&(dyn StdError + 'static)> = e.source();
+/// A failed exchange, from a target's own pool or from the generic client.
+#[derive(Debug)]
+enum SendError {
+    Pool(crate::pool::PoolError),
+    Client(hyper_util::client::legacy::Error),
+}
+
+impl SendError {
+    fn is_connect(&self) -> bool {
+        match self {
+            SendError::Pool(e) => matches!(e, crate::pool::PoolError::Connect(_)),
+            SendError::Client(e) => e.is_connect(),
+        }
+    }
+
+    fn error(&self) -> &(dyn StdError + 'static) {
+        match self {
+            SendError::Pool(e) => e,
+            SendError::Client(e) => e,
+        }
+    }
+}
+
+fn classify(backend: &str, e: &SendError) -> ProxyError {
+    let mut source: Option<&(dyn StdError + 'static)> = Some(e.error());
     while let Some(s) = source {
         if let Some(b) = s.downcast_ref::<RequestBodyError>() {
             return match b {
@@ -1225,7 +1258,7 @@ fn classify(backend: &str, e: &hyper_util::client::legacy::Error) -> ProxyError 
         }
         source = s.source();
     }
-    let reason = error_chain(e);
+    let reason = error_chain(e.error());
     if e.is_connect() {
         ProxyError::BackendUnreachable {
             backend: backend.to_owned(),

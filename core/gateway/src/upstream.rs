@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use http::uri::{Authority, Scheme};
@@ -15,6 +15,7 @@ use outpost_config::{Backend, BackendTls, Upstream};
 use rustls::RootCertStore;
 
 use crate::body::RequestBody;
+use crate::pool::HostPool;
 use crate::tls::{self, TlsError};
 
 /// The HTTP client used for backends.
@@ -29,6 +30,9 @@ pub struct Target {
     pub authority: Authority,
     /// Base path without a trailing slash (empty for none).
     pub base_path: Box<str>,
+    /// Its own keep-alive HTTP/1.1 connections (backends configured for HTTP/1.1); without
+    /// one, requests go through the backend's generic client.
+    pub pool: Option<Arc<HostPool>>,
 }
 
 impl Target {
@@ -58,6 +62,7 @@ impl Target {
                 .path_and_query
                 .map(|p| p.path().trim_end_matches('/').into())
                 .unwrap_or_default(),
+            pool: None,
         })
     }
 }
@@ -99,8 +104,12 @@ impl BackendRoute {
 /// warm connection pool.
 pub struct ClientCache {
     settings: Upstream,
-    clients: Mutex<HashMap<String, UpstreamClient>>,
+    clients: Mutex<HashMap<String, (UpstreamClient, Connector)>>,
+    /// HTTP/1.1 targets' pools by settings and origin, while a snapshot uses them.
+    pools: Mutex<HashMap<String, Weak<HostPool>>>,
 }
+
+type Connector = HttpsConnector<HttpConnector>;
 
 impl ClientCache {
     /// An empty cache for clients with the manifest's upstream settings.
@@ -108,6 +117,7 @@ impl ClientCache {
         Self {
             settings,
             clients: Mutex::new(HashMap::new()),
+            pools: Mutex::new(HashMap::new()),
         }
     }
 
@@ -124,13 +134,14 @@ impl ClientCache {
                 .map(digest)
                 .unwrap_or_default()
         );
-        let client = {
+        let (client, connector) = {
             let mut clients = self.clients.lock().expect("client cache lock");
             match clients.get(&key) {
                 Some(c) => c.clone(),
                 None => {
-                    let c = self.build_client(&tls, b.http2)?;
-                    clients.insert(key, c.clone());
+                    let connector = self.build_connector(&tls, b.http2)?;
+                    let c = (self.client(connector.clone(), b.http2), connector);
+                    clients.insert(key.clone(), c.clone());
                     c
                 }
             }
@@ -138,7 +149,13 @@ impl ClientCache {
         let targets = b
             .urls
             .iter()
-            .map(|u| Target::parse(u).expect("validated URL"))
+            .map(|u| {
+                let mut t = Target::parse(u).expect("validated URL");
+                if !b.http2 {
+                    t.pool = Some(self.pool(&key, &t, &connector));
+                }
+                t
+            })
             .collect();
         Ok(BackendRoute {
             id: b.id.as_str().into(),
@@ -147,6 +164,26 @@ impl ClientCache {
             targets,
             next: AtomicUsize::new(0),
         })
+    }
+
+    /// The pool of a target with these settings, shared with the snapshot being served so a
+    /// reload keeps warm connections.
+    fn pool(&self, key: &str, t: &Target, connector: &Connector) -> Arc<HostPool> {
+        let mut pools = self.pools.lock().expect("pool cache lock");
+        let key = format!("{key}|{}://{}", t.scheme, t.authority);
+        if let Some(p) = pools.get(&key).and_then(Weak::upgrade) {
+            return p;
+        }
+        pools.retain(|_, p| p.strong_count() > 0);
+        let p = Arc::new(HostPool::new(
+            connector.clone(),
+            &t.scheme,
+            &t.authority,
+            self.settings.max_idle_per_host,
+            Duration::from_millis(self.settings.idle_timeout_ms),
+        ));
+        pools.insert(key, Arc::downgrade(&p));
+        p
     }
 
     /// A client with the system's trust roots and HTTP/1.1 (for HTTP calls policies make).
@@ -164,6 +201,10 @@ impl ClientCache {
     }
 
     fn build_client(&self, tls: &BackendTls, http2: bool) -> Result<UpstreamClient, TlsError> {
+        Ok(self.client(self.build_connector(tls, http2)?, http2))
+    }
+
+    fn build_connector(&self, tls: &BackendTls, http2: bool) -> Result<Connector, TlsError> {
         let roots = match &tls.ca_pem {
             Some(pem) => tls::roots_from_pem(pem.as_bytes(), "backend tls.ca_pem")?,
             None => system_roots(),
@@ -194,11 +235,14 @@ impl ClientCache {
         let builder = HttpsConnectorBuilder::new()
             .with_tls_config(config)
             .https_or_http();
-        let connector = if http2 {
+        Ok(if http2 {
             builder.enable_http2().wrap_connector(http)
         } else {
             builder.enable_http1().wrap_connector(http)
-        };
+        })
+    }
+
+    fn client(&self, connector: Connector, http2: bool) -> UpstreamClient {
         let mut builder = Client::builder(TokioExecutor::new());
         builder
             .pool_idle_timeout(Duration::from_millis(self.settings.idle_timeout_ms))
@@ -206,7 +250,7 @@ impl ClientCache {
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .http2_only(http2);
-        Ok(builder.build(connector))
+        builder.build(connector)
     }
 }
 
