@@ -31,6 +31,7 @@ use prometheus::{Encoder, TextEncoder};
 
 pub mod config;
 pub mod guard;
+mod key;
 pub mod requests;
 pub mod server;
 pub mod snapshot;
@@ -64,9 +65,7 @@ impl Exposition {
 
     /// Adds request records.
     pub fn records(&self, batch: &[RequestRecord<'_>]) {
-        for r in batch {
-            self.requests.record(r);
-        }
+        self.requests.records(batch);
     }
 
     /// Replaces the re-exported metrics with a new snapshot.

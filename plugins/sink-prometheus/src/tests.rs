@@ -515,3 +515,78 @@ fn the_readme_examples_validate() {
     }
     assert!(seen >= 2, "README examples of the sink: {seen}");
 }
+
+/// CPU per record on the export path, printed (never asserted: timed tests are not allowed).
+/// `cargo test --release -p outpost-sink-prometheus -- --ignored --nocapture`
+#[test]
+#[ignore = "a measurement, not a test: run it in release mode with --nocapture"]
+fn measure_export_cost_per_record() {
+    const RECORDS: usize = 200_000;
+    const BATCH: usize = 512;
+    // A realistic mix: three APIs with a few operations each, mostly 200s, some 201/404/500,
+    // a backend that is sometimes down, requests without an API, and a stray method.
+    let apis = [
+        ("orders", ["list", "get", "create", "delete"]),
+        ("users", ["get", "update", "search", "me"]),
+        ("billing", ["invoice", "pay", "refund", "status"]),
+    ];
+    let mut pool = Vec::new();
+    for i in 0..4096u64 {
+        let (api, ops) = apis[(i % 3) as usize];
+        let op = ops[(i / 3 % 4) as usize];
+        let method = ["GET", "GET", "POST", "PUT", "DELETE", "GET", "PATCH"][(i % 7) as usize];
+        let total = 300 + (i * 7919) % 200_000;
+        let mut r = match i % 50 {
+            0 => record("", "", "GET", 404, 40, 0),
+            1 => {
+                let mut r = record(api, op, method, 502, total, 0);
+                r.error_source = "backend".into();
+                r.error_reason = "backend_unreachable".into();
+                r
+            }
+            2 | 3 => record(api, op, method, 500, total, total - 100),
+            4..=8 => record(api, op, method, 404, total, total - 80),
+            9..=14 => record(api, op, method, 201, total, total - 90),
+            _ => record(api, op, method, 200, total, total - 120),
+        };
+        r.bytes_in = i % 4096;
+        r.bytes_out = 100 + i % 9000;
+        pool.push(r);
+    }
+    let batches: Vec<&[RequestRecord<'_>]> = pool.chunks(BATCH).collect();
+
+    // Rounds on one exposition: the first one also creates the series.
+    const ROUNDS: usize = 5;
+    let e = Exposition::new(&settings("")).unwrap();
+    let mut per_record = Vec::new();
+    for round in 1..=ROUNDS {
+        let start = std::time::Instant::now();
+        let mut sent = 0;
+        for b in batches.iter().cycle() {
+            if sent >= RECORDS {
+                break;
+            }
+            let b = &b[..b.len().min(RECORDS - sent)];
+            e.records(b);
+            sent += b.len();
+        }
+        let ns = start.elapsed().as_nanos() as f64 / RECORDS as f64;
+        println!("sink-prometheus: round {round}: {RECORDS} records in batches of {BATCH}: {ns:.1} ns per record");
+        per_record.push(ns);
+    }
+    let t = render(&e);
+    let counted: f64 = samples(&t, "outpost_http_requests_total")
+        .iter()
+        .map(|s| s.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum();
+    assert_eq!(
+        counted,
+        (ROUNDS * RECORDS) as f64,
+        "every record is counted"
+    );
+    per_record.sort_by(f64::total_cmp);
+    println!(
+        "sink-prometheus: median of {ROUNDS} rounds: {:.1} ns per record",
+        per_record[ROUNDS / 2]
+    );
+}
