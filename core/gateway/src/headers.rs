@@ -173,6 +173,11 @@ impl ForwardedFor {
         self.element_ip()
     }
 
+    /// The client's IP as a header value (shared, not copied).
+    pub fn ip_value(&self) -> &HeaderValue {
+        &self.ip
+    }
+
     fn element_ip(&self) -> &str {
         self.ip.to_str().unwrap_or_default()
     }

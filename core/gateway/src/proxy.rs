@@ -297,39 +297,47 @@ pub async fn handle(
 /// The parts of a request's telemetry record known when it arrives.
 fn begin_record(conn: &ConnInfo, req: &Request<Incoming>, request_id: &HeaderValue) -> Record {
     let h = req.headers();
-    let text = |name: header::HeaderName| {
-        h.get(name)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_owned()
-    };
     let parent_span_id = h
         .get(&headers::TRACEPARENT)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split('-').nth(2))
-        .filter(|s| s.len() == 16)
-        .unwrap_or_default()
-        .to_owned();
+        .and_then(|v| v.as_bytes().split(|&b| b == b'-').nth(2))
+        .and_then(|s| <[u8; 16]>::try_from(s).ok())
+        .filter(|s| s.iter().all(u8::is_ascii_hexdigit));
     Record {
         time_unix_ms: crate::telemetry::unix_ms(),
-        request_id: request_id.to_str().unwrap_or_default().to_owned(),
+        request_id: request_id.clone(),
+        trace_id: None,
+        span_id: None,
         parent_span_id,
         listener: conn.listener.clone(),
-        client_ip: conn.forwarded.ip().to_owned(),
-        method: req.method().as_str().to_owned(),
-        host: req
-            .uri()
-            .authority()
-            .map(|a| a.as_str().to_owned())
-            .unwrap_or_else(|| text(header::HOST)),
-        path: req.uri().path().to_owned(),
+        client_ip: conn.forwarded.ip_value().clone(),
+        method: req.method().clone(),
+        host: match req.uri().authority() {
+            Some(a) => HeaderValue::from_str(a.as_str()).ok(),
+            None => h.get(header::HOST).cloned(),
+        },
+        uri: req.uri().clone(),
+        api_id: None,
+        operation_id: None,
+        route: None,
+        product_id: None,
+        subscription_id: None,
+        backend_id: None,
+        backend_url: String::new(),
+        status: 0,
+        backend_status: 0,
+        total_us: 0,
+        backend_us: 0,
         bytes_in: h
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok())
             .unwrap_or(0),
-        user_agent: text(header::USER_AGENT),
-        ..Record::default()
+        bytes_out: 0,
+        cache: None,
+        error_source: "",
+        error_reason: "",
+        error_message: String::new(),
+        user_agent: h.get(header::USER_AGENT).cloned(),
     }
 }
 
@@ -589,7 +597,17 @@ async fn serve(
             .build()
             .map_err(|e| ProxyError::BadRequest(e.to_string()))?;
         if let Some(r) = record.as_deref_mut() {
-            r.backend_url = format!("{}://{}{}", target.scheme, target.authority, uri.path());
+            let (scheme, authority, path) = (
+                target.scheme.as_str(),
+                target.authority.as_str(),
+                uri.path(),
+            );
+            let mut url = String::with_capacity(scheme.len() + 3 + authority.len() + path.len());
+            url.push_str(scheme);
+            url.push_str("://");
+            url.push_str(authority);
+            url.push_str(path);
+            r.backend_url = url;
         }
         parts.uri = uri;
         parts.version = Version::HTTP_11;
@@ -612,13 +630,11 @@ async fn serve(
         h.insert(&headers::X_REQUEST_ID, request_id.clone());
         let trace_id = headers::propagate_traceparent(h);
         if let Some(r) = record.as_deref_mut() {
-            r.trace_id = String::from_utf8_lossy(&trace_id).into_owned();
+            r.trace_id = Some(trace_id);
             r.span_id = h
                 .get(&headers::TRACEPARENT)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.get(36..52))
-                .unwrap_or_default()
-                .to_owned();
+                .and_then(|v| v.as_bytes().get(36..52))
+                .and_then(|s| <[u8; 16]>::try_from(s).ok());
         }
         // Never trust a client-supplied thumbprint, whichever listener it came through.
         for name in &shared.reserved_headers {

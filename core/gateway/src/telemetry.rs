@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use abi_stable::std_types::{RResult, RStr, Tuple2};
+use http::{HeaderValue, Method, Uri};
 use outpost_config::Telemetry as Settings;
 use outpost_plugin_api::{MetricSample, RequestRecord, SinkBox};
 
@@ -25,29 +26,31 @@ pub fn unix_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// One request, owned until its sinks have exported it.
-#[derive(Debug, Default, Clone)]
+/// One request, owned until its sinks have exported it. Built on every request while a sink
+/// is configured, so its fields share what the request already holds (header values, the URI,
+/// ids) instead of copying them into strings.
+#[derive(Debug, Clone)]
 pub struct Record {
     /// Arrival, Unix milliseconds.
     pub time_unix_ms: u64,
     /// Request id.
-    pub request_id: String,
-    /// Trace id.
-    pub trace_id: String,
-    /// Span id towards the backend.
-    pub span_id: String,
-    /// The client's span id.
-    pub parent_span_id: String,
+    pub request_id: HeaderValue,
+    /// Trace id (32 lowercase hex), once known.
+    pub trace_id: Option<[u8; 32]>,
+    /// Span id towards the backend (16 hex), once known.
+    pub span_id: Option<[u8; 16]>,
+    /// The client's span id (16 hex), when it sent one.
+    pub parent_span_id: Option<[u8; 16]>,
     /// Listener.
     pub listener: Arc<str>,
     /// Client IP.
-    pub client_ip: String,
+    pub client_ip: HeaderValue,
     /// Method.
-    pub method: String,
-    /// Host.
-    pub host: String,
-    /// Path.
-    pub path: String,
+    pub method: Method,
+    /// Host, as the client sent it.
+    pub host: Option<HeaderValue>,
+    /// The request's URI as the client sent it (the record shows its path).
+    pub uri: Uri,
     /// API id.
     pub api_id: Option<Arc<str>>,
     /// Operation id.
@@ -60,7 +63,7 @@ pub struct Record {
     pub subscription_id: Option<Arc<str>>,
     /// Backend id.
     pub backend_id: Option<Arc<str>>,
-    /// Backend URL.
+    /// Backend URL (scheme, authority and path).
     pub backend_url: String,
     /// Status to the client.
     pub status: u16,
@@ -83,11 +86,22 @@ pub struct Record {
     /// Error message.
     pub error_message: String,
     /// User agent.
-    pub user_agent: String,
+    pub user_agent: Option<HeaderValue>,
 }
 
 fn s(o: &Option<Arc<str>>) -> RStr<'_> {
     o.as_deref().unwrap_or_default().into()
+}
+
+fn text(v: &HeaderValue) -> RStr<'_> {
+    v.to_str().unwrap_or_default().into()
+}
+
+fn hex(h: &Option<impl AsRef<[u8]>>) -> RStr<'_> {
+    h.as_ref()
+        .and_then(|b| std::str::from_utf8(b.as_ref()).ok())
+        .unwrap_or_default()
+        .into()
 }
 
 impl Record {
@@ -95,15 +109,15 @@ impl Record {
     pub fn view(&self) -> RequestRecord<'_> {
         RequestRecord {
             time_unix_ms: self.time_unix_ms,
-            request_id: self.request_id.as_str().into(),
-            trace_id: self.trace_id.as_str().into(),
-            span_id: self.span_id.as_str().into(),
-            parent_span_id: self.parent_span_id.as_str().into(),
+            request_id: text(&self.request_id),
+            trace_id: hex(&self.trace_id),
+            span_id: hex(&self.span_id),
+            parent_span_id: hex(&self.parent_span_id),
             listener: self.listener.as_ref().into(),
-            client_ip: self.client_ip.as_str().into(),
+            client_ip: text(&self.client_ip),
             method: self.method.as_str().into(),
-            host: self.host.as_str().into(),
-            path: self.path.as_str().into(),
+            host: self.host.as_ref().map(text).unwrap_or_default(),
+            path: self.uri.path().into(),
             api_id: s(&self.api_id),
             operation_id: s(&self.operation_id),
             route: s(&self.route),
@@ -121,7 +135,7 @@ impl Record {
             error_source: self.error_source.into(),
             error_reason: self.error_reason.into(),
             error_message: self.error_message.as_str().into(),
-            user_agent: self.user_agent.as_str().into(),
+            user_agent: self.user_agent.as_ref().map(text).unwrap_or_default(),
         }
     }
 }
