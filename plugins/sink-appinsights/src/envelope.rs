@@ -3,12 +3,20 @@
 //! series. Field names, context tags and length limits follow the Application Insights schema
 //! (EndpointSpecs Bond/Docs); strings longer than their limit are cut here rather than have
 //! the endpoint refuse the item.
+//!
+//! Items are written straight from the borrowed record into their NDJSON line, with what is
+//! the same for every item of a sink (names, key, cloud role tags, region) serialised once in
+//! an [`Encoder`]: the sink's thread does this for every request, so it allocates one buffer
+//! per item and nothing else.
 
-use std::fmt::Write as _;
-use std::time::{Duration, UNIX_EPOCH};
+use std::borrow::Cow;
 
-use outpost_plugin_sdk::serde_json::{json, Map, Value};
+use outpost_plugin_sdk::api::abi_stable::std_types::RStr;
+use outpost_plugin_sdk::serde_json::ser::{CompactFormatter, Formatter as _};
 use outpost_plugin_sdk::{MetricSample, RequestRecord};
+
+#[cfg(test)]
+use outpost_plugin_sdk::serde_json::{self, Value};
 
 /// The largest serialised item the endpoint accepts.
 pub const MAX_ITEM_BYTES: usize = 64 * 1024;
@@ -77,6 +85,10 @@ pub struct Kinds {
 
 /// `s` cut to at most `max` characters (never inside a character).
 pub fn cut(s: &str, max: usize) -> &str {
+    // No more bytes than allowed characters: nothing to count.
+    if s.len() <= max {
+        return s;
+    }
     match s.char_indices().nth(max) {
         Some((i, _)) => &s[..i],
         None => s,
@@ -85,20 +97,16 @@ pub fn cut(s: &str, max: usize) -> &str {
 
 /// A duration as the schema wants it: `d.hh:mm:ss.fffffff` (100 ns ticks).
 pub fn duration(us: u64) -> String {
-    let ticks = (us % 1_000_000) * 10;
-    let secs = us / 1_000_000;
-    let (days, secs) = (secs / 86_400, secs % 86_400);
-    format!(
-        "{days}.{:02}:{:02}:{:02}.{ticks:07}",
-        secs / 3600,
-        secs % 3600 / 60,
-        secs % 60
-    )
+    let mut buf = Vec::with_capacity(24);
+    push_duration(&mut buf, us);
+    String::from_utf8(buf).unwrap_or_default()
 }
 
 /// ISO 8601 UTC with milliseconds and `Z`.
 pub fn time(unix_ms: u64) -> String {
-    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(unix_ms)).to_string()
+    let mut buf = Vec::with_capacity(24);
+    push_time(&mut buf, unix_ms);
+    String::from_utf8(buf).unwrap_or_default()
 }
 
 /// Whether a request failed: always sent, whatever the sampling.
@@ -124,12 +132,20 @@ pub fn sampled_in(operation_id: &str, percentage: f64) -> bool {
     ((h % 100_000) as f64) / 1000.0 < percentage
 }
 
-fn random_hex(bytes: usize) -> String {
-    let mut s = String::with_capacity(bytes * 2);
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// `bytes` random bytes in lowercase hex.
+fn push_random_hex(buf: &mut Vec<u8>, bytes: usize) {
     for _ in 0..bytes {
-        let _ = write!(s, "{:02x}", fastrand::u8(..));
+        let b = fastrand::u8(..);
+        buf.extend_from_slice(&[HEX[usize::from(b >> 4)], HEX[usize::from(b & 0xf)]]);
     }
-    s
+}
+
+fn random_hex(bytes: usize) -> String {
+    let mut buf = Vec::with_capacity(bytes * 2);
+    push_random_hex(&mut buf, bytes);
+    String::from_utf8(buf).unwrap_or_default()
 }
 
 fn is_hex(s: &str, len: usize) -> bool {
@@ -138,131 +154,52 @@ fn is_hex(s: &str, len: usize) -> bool {
 
 /// The ids that tie one request's items together.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OperationIds {
+pub struct OperationIds<'a> {
     /// `ai.operation.id`: the W3C trace id (a new one when the request had none).
-    pub operation: String,
+    pub operation: Cow<'a, str>,
     /// RequestData `id`: the gateway's span id (the one it sent the backend).
-    pub request: String,
+    pub request: Cow<'a, str>,
 }
 
-/// The ids of a record.
-pub fn operation_ids(r: &RequestRecord<'_>) -> OperationIds {
+/// The ids of a record (borrowed from it unless new ones are needed).
+pub fn operation_ids<'a>(r: &RequestRecord<'a>) -> OperationIds<'a> {
     let trace = r.trace_id.as_str();
     let span = r.span_id.as_str();
     OperationIds {
         operation: if is_hex(trace, 32) {
-            trace.to_owned()
+            Cow::Borrowed(trace)
         } else {
-            random_hex(16)
+            Cow::Owned(random_hex(16))
         },
         request: if is_hex(span, 16) {
-            span.to_owned()
+            Cow::Borrowed(span)
         } else {
-            random_hex(8)
+            Cow::Owned(random_hex(8))
         },
     }
-}
-
-struct Props(Map<String, Value>);
-
-impl Props {
-    fn new() -> Self {
-        Props(Map::new())
-    }
-    fn put(&mut self, key: &str, value: &str) {
-        if !value.is_empty() {
-            self.0.insert(
-                cut(key, limit::KEY).to_owned(),
-                Value::String(cut(value, limit::DATA).to_owned()),
-            );
-        }
-    }
-}
-
-fn tags(id: &Identity, ids: &OperationIds, parent: &str, r: Option<&RequestRecord<'_>>) -> Value {
-    let mut t = Map::new();
-    let mut put = |k: &str, v: &str, max: usize| {
-        if !v.is_empty() {
-            t.insert(k.to_owned(), Value::String(cut(v, max).to_owned()));
-        }
-    };
-    put("ai.operation.id", &ids.operation, limit::ID);
-    put("ai.operation.parentId", parent, limit::ID);
-    if let Some(r) = r {
-        put("ai.operation.name", &request_name(r), limit::NAME);
-        put("ai.location.ip", r.client_ip.as_str(), limit::IP);
-        put(
-            "ai.user.userAgent",
-            r.user_agent.as_str(),
-            limit::USER_AGENT,
-        );
-    }
-    put("ai.cloud.role", &id.role, limit::ROLE);
-    put("ai.cloud.roleInstance", &id.role_instance, limit::ROLE);
-    put("ai.internal.sdkVersion", SDK_VERSION, limit::SDK_VERSION);
-    Value::Object(t)
 }
 
 /// `ai.internal.sdkVersion`.
 pub const SDK_VERSION: &str = concat!("outpost-appinsights:", env!("CARGO_PKG_VERSION"));
 
-fn envelope(
-    id: &Identity,
-    kind: &str,
-    time: String,
-    sample_rate: Option<f64>,
-    tags: Value,
-    base_type: &str,
-    base: Value,
-) -> Value {
-    let mut e = json!({
-        "ver": 1,
-        "name": format!("{}{kind}", id.name_prefix),
-        "time": time,
-        "iKey": id.ikey,
-        "tags": tags,
-        "data": { "baseType": base_type, "baseData": base },
-    });
-    if let Some(rate) = sample_rate {
-        e["sampleRate"] = json!(rate);
-    }
-    e
-}
-
-/// `METHOD route` (the operation's template; the path when nothing matched).
-pub fn request_name(r: &RequestRecord<'_>) -> String {
+/// `METHOD route` (the operation's template; the path when nothing matched), in parts.
+fn name_parts<'a>(r: &RequestRecord<'a>) -> [&'a str; 3] {
     let what = if r.route.is_empty() {
         r.path.as_str()
     } else {
         r.route.as_str()
     };
-    format!("{} {what}", r.method.as_str())
+    [r.method.as_str(), " ", what]
 }
 
 /// API Management's `Cache` property values.
-fn cache_property(cache: &str) -> String {
+fn cache_property(cache: &str) -> &str {
     match cache {
-        "" => "None".into(),
-        "hit" => "Hit".into(),
-        "miss" => "Miss".into(),
-        other => other.to_owned(),
+        "" => "None",
+        "hit" => "Hit",
+        "miss" => "Miss",
+        other => other,
     }
-}
-
-/// The custom properties every item of a request carries, named as API Management names them.
-fn request_properties(r: &RequestRecord<'_>, id: &Identity) -> Props {
-    let mut p = Props::new();
-    p.put("API Name", r.api_id.as_str());
-    p.put("Operation Name", r.operation_id.as_str());
-    p.put("Product Name", r.product_id.as_str());
-    p.put("Subscription Name", r.subscription_id.as_str());
-    p.put("Region", id.region.as_deref().unwrap_or_default());
-    p.put("Cache", &cache_property(r.cache.as_str()));
-    p.put("Request Id", r.request_id.as_str());
-    p.put("HTTP Method", r.method.as_str());
-    p.put("Error Source", r.error_source.as_str());
-    p.put("Error Reason", r.error_reason.as_str());
-    p
 }
 
 /// Scheme, host and port of a URL, and the rest.
@@ -276,9 +213,9 @@ fn split_url(url: &str) -> Option<(&str, &str, &str)> {
 }
 
 /// `host[:port]` of a URL, its scheme's default port left out.
-pub fn target(url: &str) -> String {
+pub fn target(url: &str) -> &str {
     let Some((scheme, authority, _)) = split_url(url) else {
-        return String::new();
+        return "";
     };
     let authority = authority.rsplit_once('@').map_or(authority, |(_, a)| a);
     let default = match scheme {
@@ -286,172 +223,705 @@ pub fn target(url: &str) -> String {
         "https" => Some(":443"),
         _ => None,
     };
-    match default.and_then(|d| authority.strip_suffix(d)) {
-        Some(host) => host.to_owned(),
-        None => authority.to_owned(),
+    default
+        .and_then(|d| authority.strip_suffix(d))
+        .unwrap_or(authority)
+}
+
+// Writing JSON into a buffer. Keys are the schema's (ASCII, nothing to escape); every value
+// goes through `push_str`, which escapes as serde_json does.
+
+/// `s`'s characters as JSON string contents (without the quotes).
+fn push_escaped(buf: &mut Vec<u8>, s: &str) {
+    let bytes = s.as_bytes();
+    // Most values have nothing to escape: a check without branches, which the compiler
+    // vectorises, and one copy.
+    let plain = !bytes
+        .iter()
+        .fold(false, |e, &b| e | (b < 0x20) | (b == b'"') | (b == b'\\'));
+    if plain {
+        buf.extend_from_slice(bytes);
+        return;
+    }
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let escape: &[u8] = match b {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            0x08 => b"\\b",
+            b'\t' => b"\\t",
+            b'\n' => b"\\n",
+            0x0c => b"\\f",
+            b'\r' => b"\\r",
+            0..=0x1f => &[
+                b'\\',
+                b'u',
+                b'0',
+                b'0',
+                HEX[usize::from(b >> 4)],
+                HEX[usize::from(b & 0xf)],
+            ],
+            _ => continue,
+        };
+        buf.extend_from_slice(&bytes[start..i]);
+        buf.extend_from_slice(escape);
+        start = i + 1;
+    }
+    buf.extend_from_slice(&bytes[start..]);
+}
+
+/// A JSON string.
+fn push_str(buf: &mut Vec<u8>, s: &str) {
+    buf.push(b'"');
+    push_escaped(buf, s);
+    buf.push(b'"');
+}
+
+/// A JSON string of the parts joined, cut to `max` characters.
+fn push_joined(buf: &mut Vec<u8>, parts: &[&str], max: usize) {
+    buf.push(b'"');
+    if parts.iter().map(|p| p.len()).sum::<usize>() <= max {
+        for p in parts {
+            push_escaped(buf, p);
+        }
+    } else {
+        let mut left = max;
+        for p in parts {
+            let kept = cut(p, left);
+            push_escaped(buf, kept);
+            if kept.len() < p.len() {
+                break;
+            }
+            left -= kept.chars().count();
+        }
+    }
+    buf.push(b'"');
+}
+
+/// `"key":`.
+fn push_key(buf: &mut Vec<u8>, key: &str) {
+    buf.push(b'"');
+    buf.extend_from_slice(key.as_bytes());
+    buf.extend_from_slice(b"\":");
+}
+
+/// `"key":"value",`, cut to `max` characters; nothing for an empty value (the schema's "not
+/// applicable").
+fn push_entry(buf: &mut Vec<u8>, key: &str, value: &str, max: usize) {
+    if !value.is_empty() {
+        push_key(buf, key);
+        push_str(buf, cut(value, max));
+        buf.push(b',');
     }
 }
 
-/// The items of one request: the request itself, its backend call and its failure (as
-/// configured). `sample_rate` is what the request item stands for (100 for failures, which
-/// are always sent).
-pub fn request_items(
-    r: &RequestRecord<'_>,
-    id: &Identity,
-    kinds: Kinds,
-    ids: &OperationIds,
-    sample_rate: f64,
-) -> Vec<Value> {
-    let mut items = Vec::with_capacity(3);
-    let name = request_name(r);
-    let at = time(r.time_unix_ms);
-    let props = request_properties(r, id).0;
-    let url = if r.host.is_empty() {
-        r.path.as_str().to_owned()
-    } else {
-        format!("http://{}{}", r.host.as_str(), r.path.as_str())
-    };
-    let mut request = json!({
-        "ver": 2,
-        "id": cut(&ids.request, limit::ID),
-        "name": cut(&name, limit::NAME),
-        "duration": duration(r.total_us),
-        "responseCode": r.status.to_string(),
-        "success": r.status < 400 && r.error_source.is_empty(),
-        "url": cut(&url, limit::URL),
-        "properties": props,
-        "measurements": {
-            "Request Size": r.bytes_in as f64,
-            "Response Size": r.bytes_out as f64,
-        },
-    });
-    if let (true, Some(o)) = (url.is_empty(), request.as_object_mut()) {
-        o.remove("url");
+/// Closes an object whose members each end with a comma.
+fn close(buf: &mut Vec<u8>) {
+    match buf.last_mut() {
+        Some(last) if *last == b',' => *last = b'}',
+        _ => buf.push(b'}'),
     }
-    items.push(envelope(
-        id,
-        "Request",
-        at.clone(),
-        Some(sample_rate),
-        tags(id, ids, r.parent_span_id.as_str(), Some(r)),
-        "RequestData",
-        request,
-    ));
+}
 
-    let backend_failed = r.error_source.as_str() == "backend";
-    if kinds.dependencies && (r.backend_status != 0 || backend_failed) {
+// Numbers as serde_json writes them (a Vec never fails a write).
+fn push_u64(buf: &mut Vec<u8>, n: u64) {
+    let _ = CompactFormatter.write_u64(buf, n);
+}
+
+fn push_f64(buf: &mut Vec<u8>, v: f64) {
+    if v.is_finite() {
+        let _ = CompactFormatter.write_f64(buf, v);
+    } else {
+        buf.extend_from_slice(b"null");
+    }
+}
+
+fn push_bool(buf: &mut Vec<u8>, b: bool) {
+    buf.extend_from_slice(if b { b"true" } else { b"false" });
+}
+
+/// `n` as exactly `width` decimal digits (`n` has no more).
+fn push_digits(buf: &mut Vec<u8>, mut n: u64, width: usize) {
+    let at = buf.len();
+    buf.resize(at + width, b'0');
+    for d in buf[at..].iter_mut().rev() {
+        *d = b'0' + (n % 10) as u8;
+        n /= 10;
+    }
+}
+
+/// See [`duration`].
+fn push_duration(buf: &mut Vec<u8>, us: u64) {
+    let ticks = (us % 1_000_000) * 10;
+    let secs = us / 1_000_000;
+    let (days, secs) = (secs / 86_400, secs % 86_400);
+    push_u64(buf, days);
+    buf.push(b'.');
+    push_digits(buf, secs / 3600, 2);
+    buf.push(b':');
+    push_digits(buf, secs % 3600 / 60, 2);
+    buf.push(b':');
+    push_digits(buf, secs % 60, 2);
+    buf.push(b'.');
+    push_digits(buf, ticks, 7);
+}
+
+/// The last millisecond of the year 9999, the latest four year digits can say.
+const MAX_TIME_MS: u64 = 253_402_300_800_000 - 1;
+
+/// See [`time`].
+fn push_time(buf: &mut Vec<u8>, unix_ms: u64) {
+    let ms = unix_ms.min(MAX_TIME_MS);
+    let (days, ms_of_day) = (ms / 86_400_000, ms % 86_400_000);
+    // Days to a civil date (Howard Hinnant's `civil_from_days`), from 0000-03-01 so that
+    // February, and its leap day, comes last in a "year".
+    let days = days + 719_468;
+    let era = days / 146_097;
+    let day_of_era = days % 146_097;
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let m = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * m + 2) / 5 + 1;
+    let month = if m < 10 { m + 3 } else { m - 9 };
+    let year = era * 400 + year_of_era + u64::from(month <= 2);
+    push_digits(buf, year, 4);
+    buf.push(b'-');
+    push_digits(buf, month, 2);
+    buf.push(b'-');
+    push_digits(buf, day, 2);
+    buf.push(b'T');
+    push_digits(buf, ms_of_day / 3_600_000, 2);
+    buf.push(b':');
+    push_digits(buf, ms_of_day / 60_000 % 60, 2);
+    buf.push(b':');
+    push_digits(buf, ms_of_day / 1000 % 60, 2);
+    buf.push(b'.');
+    push_digits(buf, ms_of_day % 1000, 3);
+    buf.push(b'Z');
+}
+
+/// `,"sampleRate":<rate>`.
+fn push_sample_rate(buf: &mut Vec<u8>, rate: f64) {
+    buf.extend_from_slice(br#","sampleRate":"#);
+    push_f64(buf, rate);
+}
+
+/// The item types, each with its envelope name and `baseType`.
+#[derive(Debug, Clone, Copy)]
+enum Type {
+    Request,
+    Dependency,
+    Exception,
+    Metric,
+}
+
+impl Type {
+    const ALL: [Type; 4] = [
+        Type::Request,
+        Type::Dependency,
+        Type::Exception,
+        Type::Metric,
+    ];
+
+    /// The envelope name's last part.
+    fn name(self) -> &'static str {
+        match self {
+            Type::Request => "Request",
+            Type::Dependency => "RemoteDependency",
+            Type::Exception => "Exception",
+            Type::Metric => "Metric",
+        }
+    }
+
+    /// Where the item's `data` opens, up to the first field of `baseData` after `ver`.
+    fn data(self) -> &'static [u8] {
+        match self {
+            Type::Request => br#","data":{"baseType":"RequestData","baseData":{"ver":2,"#,
+            Type::Dependency => {
+                br#","data":{"baseType":"RemoteDependencyData","baseData":{"ver":2,"#
+            }
+            Type::Exception => br#","data":{"baseType":"ExceptionData","baseData":{"ver":2,"#,
+            Type::Metric => br#","data":{"baseType":"MetricData","baseData":{"ver":2,"#,
+        }
+    }
+}
+
+/// Writes a sink's items as NDJSON lines, straight from the records; what is the same for
+/// every item is serialised once, in [`Encoder::new`].
+#[derive(Debug, Clone)]
+pub struct Encoder {
+    kinds: Kinds,
+    /// Per [`Type`]: the envelope up to its time,
+    /// `{"ver":1,"name":"Microsoft.ApplicationInsights.<key>.<Type>","iKey":"<key>","time":"`.
+    heads: [Box<[u8]>; 4],
+    /// `,"sampleRate":<percentage>` for the configured sampling percentage.
+    sample_rate: (f64, Box<[u8]>),
+    /// The `ai.cloud.role`, `ai.cloud.roleInstance` and `ai.internal.sdkVersion` tags, each
+    /// ending with a comma.
+    sink_tags: Box<[u8]>,
+    /// `"Region":"<region>",` (nothing without a region).
+    region: Box<[u8]>,
+    /// Per [`Type`]: the bytes of an item besides the record's strings, to size its buffer.
+    fixed_bytes: [usize; 4],
+}
+
+impl Encoder {
+    /// An encoder for a sink's identity, item types and sampling percentage.
+    pub fn new(id: &Identity, kinds: Kinds, sampling_percentage: f64) -> Encoder {
+        let heads = Type::ALL.map(|t| {
+            let mut b = br#"{"ver":1,"name":"#.to_vec();
+            push_joined(&mut b, &[&id.name_prefix, t.name()], usize::MAX);
+            b.extend_from_slice(br#","iKey":"#);
+            push_str(&mut b, &id.ikey);
+            b.extend_from_slice(br#","time":""#);
+            b.into_boxed_slice()
+        });
+        let mut sink_tags = Vec::new();
+        push_entry(&mut sink_tags, "ai.cloud.role", &id.role, limit::ROLE);
+        push_entry(
+            &mut sink_tags,
+            "ai.cloud.roleInstance",
+            &id.role_instance,
+            limit::ROLE,
+        );
+        push_entry(
+            &mut sink_tags,
+            "ai.internal.sdkVersion",
+            SDK_VERSION,
+            limit::SDK_VERSION,
+        );
+        let mut region = Vec::new();
+        push_entry(
+            &mut region,
+            "Region",
+            id.region.as_deref().unwrap_or_default(),
+            limit::DATA,
+        );
+        let mut rate = Vec::new();
+        push_sample_rate(&mut rate, sampling_percentage);
+        let mut encoder = Encoder {
+            kinds,
+            heads,
+            sample_rate: (sampling_percentage, rate.into_boxed_slice()),
+            sink_tags: sink_tags.into_boxed_slice(),
+            region: region.into_boxed_slice(),
+            fixed_bytes: [0; 4],
+        };
+        encoder.fixed_bytes = encoder.measure_fixed_bytes();
+        encoder
+    }
+
+    /// The size of each item type for a record whose every string is empty (but the ids),
+    /// with its largest numbers: the part of an item its strings do not change.
+    fn measure_fixed_bytes(&self) -> [usize; 4] {
+        let r = RequestRecord {
+            time_unix_ms: 0,
+            request_id: "".into(),
+            trace_id: "".into(),
+            span_id: "".into(),
+            parent_span_id: "".into(),
+            listener: "".into(),
+            client_ip: "".into(),
+            method: "".into(),
+            host: "".into(),
+            path: "".into(),
+            api_id: "".into(),
+            operation_id: "".into(),
+            route: "".into(),
+            product_id: "".into(),
+            subscription_id: "".into(),
+            backend_id: "".into(),
+            backend_url: "".into(),
+            status: 599,
+            backend_status: 599,
+            total_us: 10_000 * 86_400_000_000,
+            backend_us: 10_000 * 86_400_000_000,
+            bytes_in: 1 << 40,
+            bytes_out: 1 << 40,
+            cache: "".into(),
+            error_source: "".into(),
+            error_reason: "".into(),
+            error_message: "".into(),
+            user_agent: "".into(),
+        };
+        let ids = OperationIds {
+            operation: Cow::Borrowed(""),
+            request: Cow::Borrowed(""),
+        };
+        let mut buf = Vec::new();
+        let mut size = |write: &dyn Fn(&mut Vec<u8>)| {
+            buf.clear();
+            write(&mut buf);
+            buf.len()
+        };
+        [
+            size(&|b| self.write_request(b, &r, &ids, 100.0)),
+            size(&|b| self.write_dependency(b, &r, &ids, 100.0)),
+            size(&|b| self.write_exception(b, &r, &ids, 100.0)),
+            size(&|b| self.write_metric(b, "", &[], f64::MAX, 0)),
+        ]
+    }
+
+    /// A buffer for an item of type `t` of `r`: room for its fixed part and the record's
+    /// strings it carries, with their keys.
+    fn buffer(&self, t: Type, r: &RequestRecord<'_>) -> Vec<u8> {
+        // The average key of an entry left out when empty, with its quotes, colon and comma.
+        const KEY: usize = 20;
+        let len = |s: &[RStr<'_>]| -> usize {
+            s.iter()
+                .filter(|s| !s.is_empty())
+                .map(|s| s.len().min(limit::DATA) + KEY)
+                .sum()
+        };
+        let common = len(&[
+            r.request_id,
+            r.trace_id,
+            r.span_id,
+            r.parent_span_id,
+            r.client_ip,
+            r.method,
+            r.api_id,
+            r.operation_id,
+            r.product_id,
+            r.subscription_id,
+            r.cache,
+            r.error_source,
+            r.error_reason,
+            r.user_agent,
+        ]);
+        // The name, in the tags and (but for exceptions) in `baseData`.
+        let name = 2 * (r.method.len() + r.route.len().max(r.path.len()));
+        let own = match t {
+            Type::Request => name + len(&[r.host, r.path]),
+            Type::Dependency => name + len(&[r.backend_id, r.backend_url, r.backend_url]),
+            Type::Exception | Type::Metric => {
+                name + len(&[r.error_message, r.error_reason, r.error_source])
+            }
+        };
+        let size = self.fixed_bytes[t as usize] + common + own;
+        Vec::with_capacity(size.min(MAX_ITEM_BYTES + 1))
+    }
+
+    /// `,"sampleRate":<rate>`, ready made for the configured percentage.
+    fn push_rate(&self, buf: &mut Vec<u8>, rate: f64) {
+        if rate == self.sample_rate.0 {
+            buf.extend_from_slice(&self.sample_rate.1);
+        } else {
+            push_sample_rate(buf, rate);
+        }
+    }
+
+    /// The envelope up to `baseData`'s first field: name, key, time, sample rate, tags (those
+    /// of a request's operation when `op` is given: ids, parent id, record).
+    fn open(
+        &self,
+        buf: &mut Vec<u8>,
+        t: Type,
+        unix_ms: u64,
+        sample_rate: Option<f64>,
+        op: Option<(&OperationIds<'_>, &str, &RequestRecord<'_>)>,
+    ) {
+        buf.extend_from_slice(&self.heads[t as usize]);
+        push_time(buf, unix_ms);
+        buf.push(b'"');
+        if let Some(rate) = sample_rate {
+            self.push_rate(buf, rate);
+        }
+        buf.extend_from_slice(br#","tags":{"#);
+        if let Some((ids, parent, r)) = op {
+            push_entry(buf, "ai.operation.id", &ids.operation, limit::ID);
+            push_entry(buf, "ai.operation.parentId", parent, limit::ID);
+            push_key(buf, "ai.operation.name");
+            push_joined(buf, &name_parts(r), limit::NAME);
+            buf.push(b',');
+            push_entry(buf, "ai.location.ip", r.client_ip.as_str(), limit::IP);
+            push_entry(
+                buf,
+                "ai.user.userAgent",
+                r.user_agent.as_str(),
+                limit::USER_AGENT,
+            );
+        }
+        buf.extend_from_slice(&self.sink_tags);
+        close(buf);
+        buf.extend_from_slice(t.data());
+    }
+
+    /// The custom properties every item of a request carries, named as API Management names
+    /// them, and then the closing of `baseData`, `data` and the envelope.
+    fn properties_and_close(&self, buf: &mut Vec<u8>, r: &RequestRecord<'_>, backend: bool) {
+        push_key(buf, "properties");
+        buf.push(b'{');
+        push_entry(buf, "API Name", r.api_id.as_str(), limit::DATA);
+        push_entry(buf, "Operation Name", r.operation_id.as_str(), limit::DATA);
+        push_entry(buf, "Product Name", r.product_id.as_str(), limit::DATA);
+        push_entry(
+            buf,
+            "Subscription Name",
+            r.subscription_id.as_str(),
+            limit::DATA,
+        );
+        buf.extend_from_slice(&self.region);
+        push_entry(buf, "Cache", cache_property(r.cache.as_str()), limit::DATA);
+        push_entry(buf, "Request Id", r.request_id.as_str(), limit::DATA);
+        push_entry(buf, "HTTP Method", r.method.as_str(), limit::DATA);
+        push_entry(buf, "Error Source", r.error_source.as_str(), limit::DATA);
+        push_entry(buf, "Error Reason", r.error_reason.as_str(), limit::DATA);
+        if backend {
+            push_entry(buf, "Backend ID", r.backend_id.as_str(), limit::DATA);
+        }
+        close(buf);
+        buf.extend_from_slice(b"}}}");
+    }
+
+    /// The items of one request: the request itself, its backend call and its failure (as
+    /// configured), each handed to `item` as an NDJSON line (without the newline).
+    /// `sample_rate` is what the request item stands for (100 for failures, which are always
+    /// sent).
+    pub fn request_items(
+        &self,
+        r: &RequestRecord<'_>,
+        ids: &OperationIds<'_>,
+        sample_rate: f64,
+        mut item: impl FnMut(Vec<u8>),
+    ) {
+        let mut buf = self.buffer(Type::Request, r);
+        self.write_request(&mut buf, r, ids, sample_rate);
+        item(buf);
+        let backend_failed = r.error_source.as_str() == "backend";
+        if self.kinds.dependencies && (r.backend_status != 0 || backend_failed) {
+            let mut buf = self.buffer(Type::Dependency, r);
+            self.write_dependency(&mut buf, r, ids, sample_rate);
+            item(buf);
+        }
+        if self.kinds.exceptions && !r.error_source.is_empty() {
+            let mut buf = self.buffer(Type::Exception, r);
+            self.write_exception(&mut buf, r, ids, sample_rate);
+            item(buf);
+        }
+    }
+
+    fn write_request(
+        &self,
+        buf: &mut Vec<u8>,
+        r: &RequestRecord<'_>,
+        ids: &OperationIds<'_>,
+        sample_rate: f64,
+    ) {
+        let op = (ids, r.parent_span_id.as_str(), r);
+        self.open(
+            buf,
+            Type::Request,
+            r.time_unix_ms,
+            Some(sample_rate),
+            Some(op),
+        );
+        push_key(buf, "id");
+        push_str(buf, cut(&ids.request, limit::ID));
+        buf.extend_from_slice(br#","name":"#);
+        push_joined(buf, &name_parts(r), limit::NAME);
+        buf.extend_from_slice(br#","duration":""#);
+        push_duration(buf, r.total_us);
+        buf.extend_from_slice(br#"","responseCode":""#);
+        push_u64(buf, u64::from(r.status));
+        buf.extend_from_slice(br#"","success":"#);
+        push_bool(buf, r.status < 400 && r.error_source.is_empty());
+        buf.push(b',');
+        let (host, path) = (r.host.as_str(), r.path.as_str());
+        if !host.is_empty() {
+            push_key(buf, "url");
+            push_joined(buf, &["http://", host, path], limit::URL);
+            buf.push(b',');
+        } else if !path.is_empty() {
+            push_key(buf, "url");
+            push_str(buf, cut(path, limit::URL));
+            buf.push(b',');
+        }
+        buf.extend_from_slice(br#""measurements":{"Request Size":"#);
+        push_f64(buf, r.bytes_in as f64);
+        buf.extend_from_slice(br#","Response Size":"#);
+        push_f64(buf, r.bytes_out as f64);
+        buf.extend_from_slice(b"},");
+        self.properties_and_close(buf, r, false);
+    }
+
+    fn write_dependency(
+        &self,
+        buf: &mut Vec<u8>,
+        r: &RequestRecord<'_>,
+        ids: &OperationIds<'_>,
+        sample_rate: f64,
+    ) {
+        let op = (ids, ids.request.as_ref(), r);
+        self.open(
+            buf,
+            Type::Dependency,
+            r.time_unix_ms,
+            Some(sample_rate),
+            Some(op),
+        );
         let backend_url = r.backend_url.as_str();
         let path = split_url(backend_url).map_or("", |(_, _, p)| p);
         let path = path.split('?').next().unwrap_or_default();
-        let dep_name = if path.is_empty() {
-            name.clone()
+        push_key(buf, "name");
+        if path.is_empty() {
+            push_joined(buf, &name_parts(r), limit::NAME);
         } else {
-            format!("{} {path}", r.method.as_str())
-        };
-        let result_code = match (r.backend_status, r.error_reason.as_str()) {
-            (0, "") => "0".to_owned(),
-            (0, reason) => reason.to_owned(),
-            (s, _) => s.to_string(),
-        };
-        let mut dep = Map::new();
-        dep.insert("ver".into(), json!(2));
-        dep.insert("name".into(), json!(cut(&dep_name, limit::NAME)));
-        dep.insert("id".into(), json!(random_hex(8)));
-        dep.insert("resultCode".into(), json!(cut(&result_code, limit::NAME)));
-        dep.insert("duration".into(), json!(duration(r.backend_us)));
-        dep.insert(
-            "success".into(),
-            json!(!backend_failed && (1..400).contains(&r.backend_status)),
-        );
-        if !backend_url.is_empty() {
-            dep.insert("data".into(), json!(cut(backend_url, limit::DATA)));
-            dep.insert(
-                "target".into(),
-                json!(cut(&target(backend_url), limit::NAME)),
-            );
+            push_joined(buf, &[r.method.as_str(), " ", path], limit::NAME);
         }
-        dep.insert("type".into(), json!("HTTP"));
-        let mut p = request_properties(r, id);
-        p.put("Backend ID", r.backend_id.as_str());
-        dep.insert("properties".into(), Value::Object(p.0));
-        items.push(envelope(
-            id,
-            "RemoteDependency",
-            at.clone(),
-            Some(sample_rate),
-            tags(id, ids, &ids.request, Some(r)),
-            "RemoteDependencyData",
-            Value::Object(dep),
-        ));
+        buf.extend_from_slice(br#","id":""#);
+        push_random_hex(buf, 8);
+        buf.extend_from_slice(br#"","resultCode":"#);
+        match (r.backend_status, r.error_reason.as_str()) {
+            (0, "") => buf.extend_from_slice(br#""0""#),
+            (0, reason) => push_str(buf, cut(reason, limit::NAME)),
+            (s, _) => {
+                buf.push(b'"');
+                push_u64(buf, u64::from(s));
+                buf.push(b'"');
+            }
+        }
+        buf.extend_from_slice(br#","duration":""#);
+        push_duration(buf, r.backend_us);
+        buf.extend_from_slice(br#"","success":"#);
+        let backend_failed = r.error_source.as_str() == "backend";
+        push_bool(buf, !backend_failed && (1..400).contains(&r.backend_status));
+        if !backend_url.is_empty() {
+            buf.extend_from_slice(br#","data":"#);
+            push_str(buf, cut(backend_url, limit::DATA));
+            buf.extend_from_slice(br#","target":"#);
+            push_str(buf, cut(target(backend_url), limit::NAME));
+        }
+        buf.extend_from_slice(br#","type":"HTTP","#);
+        self.properties_and_close(buf, r, true);
     }
 
-    let source = r.error_source.as_str();
-    if kinds.exceptions && !source.is_empty() {
+    fn write_exception(
+        &self,
+        buf: &mut Vec<u8>,
+        r: &RequestRecord<'_>,
+        ids: &OperationIds<'_>,
+        sample_rate: f64,
+    ) {
+        let op = (ids, ids.request.as_ref(), r);
+        self.open(
+            buf,
+            Type::Exception,
+            r.time_unix_ms,
+            Some(sample_rate),
+            Some(op),
+        );
+        let source = r.error_source.as_str();
         let reason = r.error_reason.as_str();
+        // Failures are few: plain strings will do.
         let type_name = if reason.is_empty() {
             format!("{source}_error")
         } else {
             reason.to_owned()
         };
         let message = match r.error_message.as_str() {
-            "" => format!("{type_name} (HTTP {})", r.status),
-            m => m.to_owned(),
+            "" => Cow::Owned(format!("{type_name} (HTTP {})", r.status)),
+            m => Cow::Borrowed(m),
         };
-        let exception = json!({
-            "ver": 2,
-            "exceptions": [{
-                "typeName": cut(&type_name, limit::NAME),
-                "message": cut(&message, limit::MESSAGE),
-                "hasFullStack": false,
-            }],
-            "severityLevel": if source == "client" { 2 } else { 3 },
-            "problemId": cut(&format!("{source}:{type_name}"), limit::NAME),
-            "properties": request_properties(r, id).0,
-        });
-        items.push(envelope(
-            id,
-            "Exception",
-            at,
-            Some(sample_rate),
-            tags(id, ids, &ids.request, Some(r)),
-            "ExceptionData",
-            exception,
-        ));
+        buf.extend_from_slice(br#""exceptions":[{"typeName":"#);
+        push_str(buf, cut(&type_name, limit::NAME));
+        buf.extend_from_slice(br#","message":"#);
+        push_str(buf, cut(&message, limit::MESSAGE));
+        buf.extend_from_slice(br#","hasFullStack":false}],"severityLevel":"#);
+        buf.push(if source == "client" { b'2' } else { b'3' });
+        buf.extend_from_slice(br#","problemId":"#);
+        push_joined(buf, &[source, ":", &type_name], limit::NAME);
+        buf.push(b',');
+        self.properties_and_close(buf, r, false);
     }
+
+    /// One metric series as MetricData: a single measurement named after the metric, its
+    /// labels (and the region) as properties.
+    pub fn metric_item(&self, s: &MetricSample<'_>, value: f64, unix_ms: u64) -> Vec<u8> {
+        let labels: Vec<(&str, &str)> = s
+            .labels
+            .iter()
+            .map(|l| (l.0.as_str(), l.1.as_str()))
+            .collect();
+        let mut buf = Vec::with_capacity(self.fixed_bytes[Type::Metric as usize] + 256);
+        self.write_metric(&mut buf, s.name.as_str(), &labels, value, unix_ms);
+        buf
+    }
+
+    fn write_metric(
+        &self,
+        buf: &mut Vec<u8>,
+        name: &str,
+        labels: &[(&str, &str)],
+        value: f64,
+        unix_ms: u64,
+    ) {
+        self.open(buf, Type::Metric, unix_ms, None, None);
+        buf.extend_from_slice(br#""metrics":[{"name":"#);
+        push_str(buf, cut(name, limit::NAME));
+        buf.extend_from_slice(br#","kind":0,"value":"#);
+        push_f64(buf, value);
+        buf.extend_from_slice(br#","count":1}],"properties":{"#);
+        // Keys are unique: a later label of the same (cut) key, or the region, wins.
+        let mut props: Vec<(&str, &str)> = Vec::with_capacity(labels.len());
+        for &(k, v) in labels {
+            if v.is_empty() {
+                continue;
+            }
+            let k = cut(k, limit::KEY);
+            match props.iter_mut().find(|(pk, _)| *pk == k) {
+                Some(p) => p.1 = v,
+                None => props.push((k, v)),
+            }
+        }
+        let has_region = !self.region.is_empty();
+        for (k, v) in props {
+            if !(has_region && k == "Region") {
+                push_str(buf, k);
+                buf.push(b':');
+                push_str(buf, cut(v, limit::DATA));
+                buf.push(b',');
+            }
+        }
+        buf.extend_from_slice(&self.region);
+        close(buf);
+        buf.extend_from_slice(b"}}}");
+    }
+}
+
+/// The items of one request as JSON values (what the tests read).
+#[cfg(test)]
+pub fn request_items(
+    r: &RequestRecord<'_>,
+    id: &Identity,
+    kinds: Kinds,
+    ids: &OperationIds<'_>,
+    sample_rate: f64,
+) -> Vec<Value> {
+    let mut items = Vec::new();
+    Encoder::new(id, kinds, sample_rate).request_items(r, ids, sample_rate, |line| {
+        items.push(serde_json::from_slice(&line).expect("an item is JSON"))
+    });
     items
 }
 
-/// One metric series as MetricData: a single measurement named after the metric, its labels
-/// (and the region) as properties.
+/// A metric item as a JSON value (what the tests read).
+#[cfg(test)]
 pub fn metric_item(s: &MetricSample<'_>, value: f64, id: &Identity, unix_ms: u64) -> Value {
-    let mut p = Props::new();
-    for l in s.labels.iter() {
-        p.put(l.0.as_str(), l.1.as_str());
-    }
-    p.put("Region", id.region.as_deref().unwrap_or_default());
-    let ids = OperationIds {
-        operation: String::new(),
-        request: String::new(),
+    let kinds = Kinds {
+        dependencies: false,
+        exceptions: false,
     };
-    envelope(
-        id,
-        "Metric",
-        time(unix_ms),
-        None,
-        tags(id, &ids, "", None),
-        "MetricData",
-        json!({
-            "ver": 2,
-            "metrics": [{ "name": cut(s.name.as_str(), limit::NAME), "kind": 0, "value": value, "count": 1 }],
-            "properties": p.0,
-        }),
-    )
+    let line = Encoder::new(id, kinds, 100.0).metric_item(s, value, unix_ms);
+    serde_json::from_slice(&line).expect("an item is JSON")
 }
 
 /// An item as one NDJSON line (without the newline); `None` when it is larger than the
 /// endpoint accepts.
+#[cfg(test)]
 pub fn encode(item: &Value) -> Option<Vec<u8>> {
-    let bytes = outpost_plugin_sdk::serde_json::to_vec(item).ok()?;
+    let bytes = serde_json::to_vec(item).ok()?;
     (bytes.len() <= MAX_ITEM_BYTES).then_some(bytes)
 }
 
@@ -459,6 +929,7 @@ pub fn encode(item: &Value) -> Option<Vec<u8>> {
 mod tests {
     use super::*;
     use outpost_plugin_sdk::api::abi_stable::std_types::Tuple2;
+    use std::time::{Duration, UNIX_EPOCH};
 
     pub(crate) fn record<'a>() -> RequestRecord<'a> {
         RequestRecord {
@@ -721,5 +1192,60 @@ mod tests {
         assert_eq!(target("http://127.0.0.1:8080"), "127.0.0.1:8080");
         assert_eq!(target("http://u:p@h:80/"), "h");
         assert_eq!(target("nonsense"), "");
+    }
+
+    #[test]
+    fn strings_are_escaped_as_serde_json_escapes_them() {
+        let mut all: String = (0..0x80u8).map(char::from).collect();
+        all.push_str("é😀\u{2028}");
+        for s in [all.as_str(), "plain", "", "\"", "a\\b\nc"] {
+            let mut buf = Vec::new();
+            push_str(&mut buf, s);
+            assert_eq!(buf, serde_json::to_vec(s).unwrap(), "{s:?}");
+        }
+    }
+
+    #[test]
+    fn times_are_written_as_humantime_writes_them() {
+        let formatted = |ms: u64| {
+            humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+        };
+        let leap_days = [951_782_400_000, 951_868_799_999, 4_107_456_000_000];
+        let edges = [0, 1, 999, 86_399_999, 86_400_000, MAX_TIME_MS];
+        let random = (0..100_000).map(|_| fastrand::u64(..=MAX_TIME_MS));
+        for ms in leap_days.into_iter().chain(edges).chain(random) {
+            assert_eq!(time(ms), formatted(ms), "{ms}");
+        }
+        assert_eq!(
+            time(u64::MAX),
+            "9999-12-31T23:59:59.999Z",
+            "the last it can say"
+        );
+    }
+
+    #[test]
+    fn item_buffers_are_sized_to_fit() {
+        let mut r = record();
+        let encoder = Encoder::new(&identity(), ALL, 100.0);
+        let ids = operation_ids(&r);
+        let check = |t: Type, r: &RequestRecord<'_>, item: &[u8]| {
+            let room = encoder.buffer(t, r).capacity();
+            assert!(
+                (item.len()..item.len() + item.len() / 5).contains(&room),
+                "{t:?}: {room} bytes for {}",
+                item.len()
+            );
+        };
+        let mut items = Vec::new();
+        encoder.request_items(&r, &ids, 100.0, |i| items.push(i));
+        check(Type::Request, &r, &items[0]);
+        check(Type::Dependency, &r, &items[1]);
+        r.status = 502;
+        r.error_source = "backend".into();
+        r.error_reason = "backend_unavailable".into();
+        r.error_message = "connection refused".into();
+        items.clear();
+        encoder.request_items(&r, &ids, 100.0, |i| items.push(i));
+        check(Type::Exception, &r, &items[2]);
     }
 }

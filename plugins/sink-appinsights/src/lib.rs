@@ -15,9 +15,10 @@
 //! spools batches to disk while the endpoint is unreachable ([`spool`]). See the README for
 //! every field, the item mapping, the metrics and the failure behaviour.
 
-// Every item is built, serialised and compressed on the sink's thread, allocation-heavy work:
-// mimalloc (the allocator the gateway itself uses) instead of the system allocator a cdylib
-// would otherwise get took the sink's cost per request from about 25 µs down (BENCHMARKS.md).
+// Every item is a buffer of its own, allocated on the gateway's sink thread and freed on the
+// sending thread: mimalloc (the allocator the gateway itself uses) instead of the system
+// allocator a cdylib would otherwise get took the sink's cost per request from about 25 µs
+// down (BENCHMARKS.md), when items were still `serde_json::Value` trees.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -38,18 +39,19 @@ pub mod spool;
 pub mod transport;
 
 #[cfg(test)]
+mod cost;
+#[cfg(test)]
 mod tests;
 
 use config::{Config, Settings};
-use envelope::{Identity, Kinds};
+use envelope::{Encoder, Identity, Kinds};
 use sender::{Queue, Sender, Stats};
 use transport::Reason;
 
 /// The sink.
 pub struct AppInsights {
     settings: Arc<Settings>,
-    identity: Identity,
-    kinds: Kinds,
+    encoder: Encoder,
     queue: Arc<Queue>,
     stats: Arc<Stats>,
     thread: Mutex<Option<JoinHandle<()>>>,
@@ -138,12 +140,12 @@ impl Sink for AppInsights {
             host::instance_id(),
             settings.region.clone(),
         );
+        let kinds = Kinds {
+            dependencies: settings.dependencies,
+            exceptions: settings.exceptions,
+        };
         Ok(AppInsights {
-            identity,
-            kinds: Kinds {
-                dependencies: settings.dependencies,
-                exceptions: settings.exceptions,
-            },
+            encoder: Encoder::new(&identity, kinds, settings.sampling_percentage),
             queue: Arc::new(Queue::new(
                 settings.max_pending_items,
                 settings.max_batch_items,
@@ -164,17 +166,18 @@ impl Sink for AppInsights {
             let ids = envelope::operation_ids(r);
             let failure = envelope::is_failure(r);
             if !failure && !envelope::sampled_in(&ids.operation, pct) {
-                sampled_out += 1 + usize::from(self.kinds.dependencies && r.backend_status != 0);
+                sampled_out += 1 + usize::from(self.settings.dependencies && r.backend_status != 0);
                 continue;
             }
             // A failure is sent whatever the sampling, so it stands for itself only.
             let rate = if failure { 100.0 } else { pct };
-            for item in envelope::request_items(r, &self.identity, self.kinds, &ids, rate) {
-                match envelope::encode(&item) {
-                    Some(bytes) => items.push(bytes),
-                    None => too_large += 1,
+            self.encoder.request_items(r, &ids, rate, |item| {
+                if item.len() <= envelope::MAX_ITEM_BYTES {
+                    items.push(item);
+                } else {
+                    too_large += 1;
                 }
-            }
+            });
         }
         self.stats.dropped(Reason::Sampling, sampled_out);
         self.stats.dropped(Reason::TooLarge, too_large);
@@ -214,9 +217,11 @@ impl Sink for AppInsights {
             } else {
                 s.value
             };
-            match envelope::encode(&envelope::metric_item(s, value, &self.identity, now)) {
-                Some(bytes) => items.push(bytes),
-                None => too_large += 1,
+            let item = self.encoder.metric_item(s, value, now);
+            if item.len() <= envelope::MAX_ITEM_BYTES {
+                items.push(item);
+            } else {
+                too_large += 1;
             }
         }
         drop(last);

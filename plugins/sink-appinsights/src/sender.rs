@@ -14,7 +14,7 @@ use outpost_plugin_sdk::{host, level, Metric};
 
 use crate::config::Settings;
 use crate::spool::Spool;
-use crate::transport::{self, Answer, Reason, Transport};
+use crate::transport::{self, Answer, Gzip, Reason, Transport};
 
 /// The metrics the sink defines, and the same counts kept locally (for tests and logs).
 #[derive(Debug)]
@@ -183,21 +183,23 @@ impl Queue {
             return;
         }
         let mut s = self.lock();
-        let was_empty = s.pending.is_empty();
+        let before = s.pending.len();
         s.pending.extend(items);
         let over = s.pending.len().saturating_sub(self.max_pending);
         if over > 0 {
             s.pending.drain(..over);
-            stats.dropped(Reason::BufferFull, over);
         }
-        if was_empty {
+        if before == 0 {
             s.oldest = Some(Instant::now());
         }
-        let wake = was_empty || s.pending.len() >= self.max_batch;
+        // The sending thread needs waking when its timer starts and when a batch fills up;
+        // past that it comes back for more on its own (a wake is a system call).
+        let wake = before == 0 || (before < self.max_batch && s.pending.len() >= self.max_batch);
         drop(s);
         if wake {
             self.wake.notify_all();
         }
+        stats.dropped(Reason::BufferFull, over);
     }
 
     /// Whether items are waiting.
@@ -246,6 +248,7 @@ pub struct Sender {
     queue: Arc<Queue>,
     stats: Arc<Stats>,
     transport: Transport,
+    gzip: Gzip,
     spool: Option<Spool>,
     retry: Option<Vec<Vec<u8>>>,
     not_before: Instant,
@@ -295,6 +298,7 @@ impl Sender {
             queue,
             stats,
             transport,
+            gzip: Gzip::new(),
             spool,
             retry: None,
             not_before: Instant::now(),
@@ -388,11 +392,10 @@ impl Sender {
     fn deliver(&mut self, mut items: Vec<Vec<u8>>, from: Origin, timeout: Duration) {
         let n = items.len();
         let queue = self.queue.clone();
+        let body = self.gzip.body(&items);
         let answer = self
             .transport
-            .send(&self.endpoint, transport::body(&items), timeout, &|| {
-                queue.hurry()
-            });
+            .send(&self.endpoint, body, timeout, &|| queue.hurry());
         let verdict = transport::judge(&answer, n);
         self.stats.sent(verdict.accepted);
         for (reason, count) in &verdict.dropped {
@@ -475,7 +478,7 @@ impl Sender {
         match (from, self.spool.is_some()) {
             (Origin::Spool, _) => {
                 if rest.len() < n {
-                    let gz = transport::body(&rest);
+                    let gz = self.gzip.body(&rest);
                     if let Some(s) = self.spool.as_mut() {
                         if let Err(e) = s.shrink_oldest(&gz, rest.len()) {
                             log(
@@ -533,7 +536,7 @@ impl Sender {
             return;
         };
         let n = items.len();
-        let gz = transport::body(&items);
+        let gz = self.gzip.body(&items);
         match spool.push(&gz, n, host::now_unix_ms()) {
             Ok(dropped) => {
                 if dropped > 0 {

@@ -1,13 +1,11 @@
 //! One ingestion request (`POST {endpoint}/v2.1/track`, gzip NDJSON) and what its answer means
 //! for each item sent: accepted, to be resent, or dropped (and why).
 
-use std::io::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use flate2::write::GzEncoder;
-use flate2::Compression;
+use flate2::{Compress, Compression, Crc, FlushCompress, Status};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -242,14 +240,103 @@ pub fn retry_after(value: &str, now: SystemTime) -> Option<Duration> {
 
 /// Gzip of the items as NDJSON.
 pub fn body(items: &[Vec<u8>]) -> Vec<u8> {
-    let size = items.iter().map(|i| i.len() + 1).sum::<usize>();
-    let mut gz = GzEncoder::new(Vec::with_capacity(size / 4 + 64), Compression::fast());
-    for item in items {
-        // Writing to a Vec cannot fail.
-        let _ = gz.write_all(item);
-        let _ = gz.write_all(b"\n");
+    Gzip::new().body(items)
+}
+
+/// The gzip header flate2 writes at the fast level: no name or time, "fastest" flag, OS
+/// unknown.
+const GZIP_HEADER: [u8; 10] = [0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 4, 255];
+
+/// Gzip NDJSON bodies, keeping the deflate state (its window and tables: hundreds of KB) and
+/// the output buffer from one batch to the next.
+pub struct Gzip {
+    deflate: Compress,
+    /// Where a batch is deflated; all of it initialised (its length is its capacity), so that
+    /// no backend zeroes it again.
+    out: Vec<u8>,
+}
+
+impl Default for Gzip {
+    fn default() -> Self {
+        Self::new()
     }
-    gz.finish().unwrap_or_default()
+}
+
+impl Gzip {
+    /// A compressor at the fast level.
+    pub fn new() -> Gzip {
+        Gzip {
+            deflate: Compress::new(Compression::fast(), false),
+            out: Vec::new(),
+        }
+    }
+
+    /// Gzip of the items as NDJSON (empty if deflating failed, which it does not in memory).
+    pub fn body(&mut self, items: &[Vec<u8>]) -> Vec<u8> {
+        let mut crc = Crc::new();
+        let Ok(len) = self.deflate_items(items, &mut crc) else {
+            return Vec::new();
+        };
+        let mut body = Vec::with_capacity(GZIP_HEADER.len() + len + 8);
+        body.extend_from_slice(&GZIP_HEADER);
+        body.extend_from_slice(&self.out[..len]);
+        body.extend_from_slice(&crc.sum().to_le_bytes());
+        body.extend_from_slice(&crc.amount().to_le_bytes());
+        body
+    }
+
+    /// Deflates the items, each followed by a newline, into `out`; returns the length.
+    fn deflate_items(
+        &mut self,
+        items: &[Vec<u8>],
+        crc: &mut Crc,
+    ) -> Result<usize, flate2::CompressError> {
+        self.deflate.reset();
+        let mut written = 0;
+        // Item by item rather than copied into one text first: as fast, and no batch-sized
+        // buffer to keep.
+        for item in items {
+            for part in [item.as_slice(), b"\n"] {
+                crc.update(part);
+                self.deflate_all(part, &mut written, FlushCompress::None)?;
+            }
+        }
+        self.deflate_all(&[], &mut written, FlushCompress::Finish)?;
+        Ok(written)
+    }
+
+    /// Deflates all of `input` into `out` from `written` on, growing `out` as needed; with
+    /// `Finish`, until the stream's end.
+    fn deflate_all(
+        &mut self,
+        mut input: &[u8],
+        written: &mut usize,
+        flush: FlushCompress,
+    ) -> Result<(), flate2::CompressError> {
+        let finish = flush == FlushCompress::Finish;
+        loop {
+            if self.out.len() - *written < 64 {
+                let size = (self.out.len() * 2).max(64 * 1024);
+                self.out.resize(size, 0);
+            }
+            let (was_in, was_out) = (self.deflate.total_in(), self.deflate.total_out());
+            let status = self
+                .deflate
+                .compress(input, &mut self.out[*written..], flush)?;
+            let consumed = (self.deflate.total_in() - was_in) as usize;
+            let produced = (self.deflate.total_out() - was_out) as usize;
+            input = &input[consumed..];
+            *written += produced;
+            if finish && status == Status::StreamEnd || !finish && input.is_empty() {
+                return Ok(());
+            }
+            if consumed == 0 && produced == 0 {
+                // No room to go on: make some.
+                let size = self.out.len() * 2;
+                self.out.resize(size, 0);
+            }
+        }
+    }
 }
 
 /// The items of a gzip NDJSON body.
@@ -525,5 +612,22 @@ mod tests {
             [b"{\"a\":1}".to_vec(), b"{\"b\":2}".to_vec()]
         );
         assert!(items(b"not gzip").is_err());
+    }
+
+    #[test]
+    fn one_gzip_makes_body_after_body() {
+        let mut gzip = Gzip::new();
+        // Text that compresses, then noise larger than the output buffer starts at.
+        let text: Vec<Vec<u8>> = (0..500)
+            .map(|i| format!("{{\"item\":{i},\"name\":\"GET /orders\"}}").into_bytes())
+            .collect();
+        let noise: Vec<Vec<u8>> = (0..40)
+            .map(|_| (0..4096).map(|_| fastrand::u8(b'!'..=b'~')).collect())
+            .collect();
+        for batch in [&text, &noise, &text[..1].to_vec(), &Vec::new(), &text] {
+            let gz = gzip.body(batch);
+            assert_eq!(&items(&gz).unwrap(), batch);
+            assert_eq!(gz, body(batch), "the same bytes as a new compressor's");
+        }
     }
 }
