@@ -160,7 +160,7 @@ type = "file"
 path = "api.json"
 watch_interval_ms = 0
 EOF
-  taskset -c "$PROXY_CPU" env ${OUTPOST_ENV:-} "$OUTPOST_BIN" run --manifest "$dir/outpost.toml" >"$dir/outpost.log" 2>&1 &
+  taskset -c "$PROXY_CPU" env ${OUTPOST_ENV:-} "${BIN:-$OUTPOST_BIN}" run --manifest "$dir/outpost.toml" >"$dir/outpost.log" 2>&1 &
   STARTED+=($!)
   PORT[$name]=$port
   PID[$name]=$!
@@ -181,6 +181,12 @@ if [[ $ONLY_NGINX != 1 ]]; then
 }
 EOF
   start_outpost outpost "$TMP/api.json"
+  # Another build of the gateway on the plain API, alternating with this one in the same run:
+  # an A/B comparison of two builds that the machine's drift between runs cannot blur.
+  if [[ -n ${OUTPOST_BIN_B:-} ]]; then
+    [[ -x $OUTPOST_BIN_B ]] || die "no outpost binary at OUTPOST_BIN_B=$OUTPOST_BIN_B"
+    BIN=$OUTPOST_BIN_B start_outpost outpost-b "$TMP/api.json"
+  fi
   # The same API with 10 no-op policies from a plugin library on every request: the cost of
   # the plugin ABI on the request path.
   FIXTURES=${OUTPOST_FIXTURES:-$(dirname "$OUTPOST_BIN")/liboutpost_fixture_policies.so}

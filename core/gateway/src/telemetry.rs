@@ -93,8 +93,10 @@ fn s(o: &Option<Arc<str>>) -> RStr<'_> {
     o.as_deref().unwrap_or_default().into()
 }
 
+/// A header value as text: UTF-8 is enough for telemetry (sinks escape what they write), and
+/// checking it is cheaper than `to_str`'s visible-ASCII scan, done per sink per record.
 fn text(v: &HeaderValue) -> RStr<'_> {
-    v.to_str().unwrap_or_default().into()
+    std::str::from_utf8(v.as_bytes()).unwrap_or_default().into()
 }
 
 fn hex(h: &Option<impl AsRef<[u8]>>) -> RStr<'_> {
