@@ -284,7 +284,7 @@ path = \"$PROMETHEUS\"
 [[telemetry.sinks]]
 name = \"appinsights\"
 provider = \"appinsights\"
-config = { connection_string = \"InstrumentationKey=00000000-0000-0000-0000-000000000000;IngestionEndpoint=http://127.0.0.1:$INGEST_PORT/\" }
+config = { connection_string = \"InstrumentationKey=00000000-0000-0000-0000-000000000000;IngestionEndpoint=http://127.0.0.1:$INGEST_PORT/\", sampling_percentage = ${BENCH_AI_SAMPLING:-100} }
 
 [[telemetry.sinks]]
 name = \"prometheus\"
