@@ -3,10 +3,12 @@
 //! The generic pooled client (`hyper_util`'s) pays per exchange for things a gateway in front
 //! of a few known targets does not need: a pool keyed by a hashed (scheme, authority), and a
 //! task spawned per exchange only to hand the connection back. Here each target owns its idle
-//! connections directly (no key, no hashing), a request takes the oldest idle connection that
-//! is ready, sends on it from the request's own task, and puts it back as soon as the
-//! response head is in. A connection still reading the previous response body is not ready
-//! and is skipped; one the backend closed is dropped. One task per connection drives its I/O.
+//! connections directly (no key, no hashing), a request takes the most recently used idle
+//! connection (warm, and the least likely to have been closed by the backend's own idle
+//! timeout), sends on it from the request's own task, and puts it back when the response is
+//! in. A response that arrived whole (the common case) leaves the connection ready at once;
+//! only while a longer body is still being read does a small task wait for the connection to
+//! become ready before it goes back. One task per connection drives its I/O.
 //!
 //! HTTP/2 backends and URLs chosen at request time keep using the generic client.
 
@@ -140,29 +142,39 @@ impl HostPool {
         }
     }
 
-    /// The oldest idle connection that is ready; closed and expired ones are dropped, busy
-    /// ones (still reading a response body) go to the back.
+    /// The most recently used idle connection; closed and expired ones are dropped.
     fn checkout(&self) -> Option<SendRequest<RequestBody>> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        let mut busy = 0;
-        while busy < idle.len() {
-            let entry = idle.pop_front()?;
-            if entry.sender.is_closed() || entry.since.elapsed() >= self.idle_timeout {
-                continue;
+        while let Some(entry) = idle.pop_back() {
+            if entry.since.elapsed() >= self.idle_timeout {
+                // Everything before it has waited longer still.
+                idle.clear();
+                return None;
             }
             if entry.sender.is_ready() {
                 return Some(entry.sender);
             }
-            idle.push_back(entry);
-            busy += 1;
         }
         None
     }
 
-    fn checkin(self: &Arc<Self>, sender: SendRequest<RequestBody>) {
-        if sender.is_closed() {
-            return;
+    /// After a response head: the connection goes back once the whole response is read.
+    fn checkin(self: &Arc<Self>, mut sender: SendRequest<RequestBody>) {
+        if sender.is_ready() {
+            self.put_idle(sender);
+        } else if !sender.is_closed() {
+            let pool = Arc::downgrade(self);
+            tokio::spawn(async move {
+                if sender.ready().await.is_ok() {
+                    if let Some(pool) = pool.upgrade() {
+                        pool.put_idle(sender);
+                    }
+                }
+            });
         }
+    }
+
+    fn put_idle(self: &Arc<Self>, sender: SendRequest<RequestBody>) {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         if idle.len() >= self.max_idle {
             return;
@@ -228,6 +240,8 @@ mod tests {
         ConnectionClose,
         /// The head and half the body, then the rest after 300 ms.
         Slowly,
+        /// `Slowly` for paths under `/slow`, `KeepAlive` for the others.
+        SlowPaths,
     }
 
     struct Server {
@@ -285,6 +299,11 @@ mod tests {
                 .lock()
                 .unwrap()
                 .push(String::from_utf8_lossy(&head).into_owned());
+            let answer = match answer {
+                Answer::SlowPaths if head.starts_with(b"GET /slow") => Answer::Slowly,
+                Answer::SlowPaths => Answer::KeepAlive,
+                a => a,
+            };
             let reply: &[u8] = match answer {
                 Answer::KeepAlive | Answer::ThenClose => {
                     b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
@@ -293,12 +312,13 @@ mod tests {
                     b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok"
                 }
                 Answer::Slowly => b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nsl",
+                Answer::SlowPaths => unreachable!("resolved above"),
             };
             if s.write_all(reply).await.is_err() {
                 return;
             }
             match answer {
-                Answer::KeepAlive => {}
+                Answer::KeepAlive | Answer::SlowPaths => {}
                 Answer::ThenClose | Answer::ConnectionClose => return,
                 Answer::Slowly => {
                     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -311,6 +331,14 @@ mod tests {
     }
 
     fn pool(addr: std::net::SocketAddr, idle_timeout: Duration) -> Arc<HostPool> {
+        pool_of(addr, idle_timeout, 8)
+    }
+
+    fn pool_of(
+        addr: std::net::SocketAddr,
+        idle_timeout: Duration,
+        max_idle: usize,
+    ) -> Arc<HostPool> {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         let tls = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
@@ -328,7 +356,7 @@ mod tests {
             connector,
             &Scheme::HTTP,
             &authority,
-            8,
+            max_idle,
             idle_timeout,
         ))
     }
@@ -428,10 +456,30 @@ mod tests {
         assert_eq!(s.accepted.load(Ordering::SeqCst), 2);
         assert_eq!(body(first).await, "slow");
         assert_eq!(body(second).await, "slow");
+        // Both go back once their responses are read (a task waits for each).
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(p.idle.lock().unwrap().len(), 2);
         // Both are idle again: no third connection.
         let third = p.send(get(s.addr, "/third")).await.unwrap();
         assert_eq!(body(third).await, "slow");
         assert_eq!(s.accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn connections_still_streaming_do_not_take_the_idle_places() {
+        let s = server(Answer::SlowPaths).await;
+        let p = pool_of(s.addr, MINUTE, 1);
+        let streaming = p.send(get(s.addr, "/slow")).await.unwrap();
+        // The one idle place goes to the first connection that is free again, not to the
+        // one still streaming: quick requests keep reusing it.
+        for _ in 0..5 {
+            assert_eq!(
+                body(p.send(get(s.addr, "/quick")).await.unwrap()).await,
+                "ok"
+            );
+        }
+        assert_eq!(s.accepted.load(Ordering::SeqCst), 2);
+        assert_eq!(body(streaming).await, "slow");
     }
 
     #[tokio::test]

@@ -1230,8 +1230,6 @@ fn without_param(query: &str, name: &str) -> String {
     out
 }
 
-/// Maps a client error to the answer: body limit → 413, client went away → 400, connect
-/// timeout → 504, connection refused → 502, anything else from the backend → 502.
 /// A failed exchange, from a target's own pool or from the generic client.
 #[derive(Debug)]
 enum SendError {
@@ -1255,6 +1253,8 @@ impl SendError {
     }
 }
 
+/// Maps a client error to the answer: body limit → 413, client went away → 400, connect
+/// timeout → 504, connection refused → 502, anything else from the backend → 502.
 fn classify(backend: &str, e: &SendError) -> ProxyError {
     let mut source: Option<&(dyn StdError + 'static)> = Some(e.error());
     while let Some(s) = source {
