@@ -588,14 +588,18 @@ async fn serve(
             pq.push('?');
             pq.push_str(q);
         }
-        let uri = Uri::builder()
-            .scheme(target.scheme.clone())
-            .authority(target.authority.clone())
-            .path_and_query(
-                PathAndQuery::try_from(pq).map_err(|e| ProxyError::BadRequest(e.to_string()))?,
-            )
-            .build()
-            .map_err(|e| ProxyError::BadRequest(e.to_string()))?;
+        let pq = PathAndQuery::try_from(pq).map_err(|e| ProxyError::BadRequest(e.to_string()))?;
+        // A target's own pool sends the origin form as it is; the generic client wants the
+        // absolute form, to find its connection.
+        let uri = match target.pool {
+            Some(_) => Uri::from(pq),
+            None => Uri::builder()
+                .scheme(target.scheme.clone())
+                .authority(target.authority.clone())
+                .path_and_query(pq)
+                .build()
+                .map_err(|e| ProxyError::BadRequest(e.to_string()))?,
+        };
         if let Some(r) = record.as_deref_mut() {
             let (scheme, authority, path) = (
                 target.scheme.as_str(),

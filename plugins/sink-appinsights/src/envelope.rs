@@ -702,6 +702,26 @@ impl Encoder {
         }
     }
 
+    /// Opens an item about a request: its time, sample rate and operation tags, `parent`
+    /// being the span the item hangs from.
+    fn open_item(
+        &self,
+        buf: &mut Vec<u8>,
+        t: Type,
+        r: &RequestRecord<'_>,
+        ids: &OperationIds<'_>,
+        parent: &str,
+        sample_rate: f64,
+    ) {
+        self.open(
+            buf,
+            t,
+            r.time_unix_ms,
+            Some(sample_rate),
+            Some((ids, parent, r)),
+        );
+    }
+
     fn write_request(
         &self,
         buf: &mut Vec<u8>,
@@ -709,13 +729,13 @@ impl Encoder {
         ids: &OperationIds<'_>,
         sample_rate: f64,
     ) {
-        let op = (ids, r.parent_span_id.as_str(), r);
-        self.open(
+        self.open_item(
             buf,
             Type::Request,
-            r.time_unix_ms,
-            Some(sample_rate),
-            Some(op),
+            r,
+            ids,
+            r.parent_span_id.as_str(),
+            sample_rate,
         );
         push_key(buf, "id");
         push_str(buf, cut(&ids.request, limit::ID));
@@ -753,14 +773,7 @@ impl Encoder {
         ids: &OperationIds<'_>,
         sample_rate: f64,
     ) {
-        let op = (ids, ids.request.as_ref(), r);
-        self.open(
-            buf,
-            Type::Dependency,
-            r.time_unix_ms,
-            Some(sample_rate),
-            Some(op),
-        );
+        self.open_item(buf, Type::Dependency, r, ids, &ids.request, sample_rate);
         let backend_url = r.backend_url.as_str();
         let path = split_url(backend_url).map_or("", |(_, _, p)| p);
         let path = path.split('?').next().unwrap_or_default();
@@ -804,14 +817,7 @@ impl Encoder {
         ids: &OperationIds<'_>,
         sample_rate: f64,
     ) {
-        let op = (ids, ids.request.as_ref(), r);
-        self.open(
-            buf,
-            Type::Exception,
-            r.time_unix_ms,
-            Some(sample_rate),
-            Some(op),
-        );
+        self.open_item(buf, Type::Exception, r, ids, &ids.request, sample_rate);
         let source = r.error_source.as_str();
         let reason = r.error_reason.as_str();
         // Failures are few: plain strings will do.
