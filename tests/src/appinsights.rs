@@ -17,6 +17,7 @@ use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::io::Read as _;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -48,6 +49,8 @@ pub enum Reply {
     },
     /// Read the request and never answer.
     Hang,
+    /// Wait this long, then answer as [`Reply::Ok`] (a distant or busy endpoint).
+    Slow(Duration),
 }
 
 impl Reply {
@@ -95,6 +98,26 @@ struct Shared {
     protocol_errors: Mutex<Vec<String>>,
     requests: Mutex<Vec<Recorded>>,
     tasks: Mutex<Vec<AbortHandle>>,
+    /// Requests being handled now, and the most at any time.
+    in_flight: AtomicUsize,
+    max_in_flight: AtomicUsize,
+}
+
+/// Counts a request as in flight while it lives.
+struct InFlight<'a>(&'a Shared);
+
+impl<'a> InFlight<'a> {
+    fn enter(shared: &'a Shared) -> InFlight<'a> {
+        let now = shared.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        shared.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        InFlight(shared)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// The running fake; stops when dropped.
@@ -122,6 +145,11 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Ingestion {
+    /// The most requests it was handling at once (from their arrival to their answer).
+    pub fn max_in_flight(&self) -> usize {
+        self.shared.max_in_flight.load(Ordering::SeqCst)
+    }
+
     /// Starts the fake for [`IKEY`].
     pub fn start() -> Ingestion {
         Self::start_for(IKEY)
@@ -355,6 +383,7 @@ fn gunzip(data: &[u8]) -> Result<Vec<u8>, String> {
 }
 
 async fn handle(req: Request<Incoming>, shared: &Shared, ikey: &str) -> Response<Full<Bytes>> {
+    let _in_flight = InFlight::enter(shared);
     let path = req.uri().path().to_owned();
     if req.method() != http::Method::POST || (path != "/v2/track" && path != "/v2.1/track") {
         return refuse(
@@ -441,6 +470,13 @@ async fn handle(req: Request<Incoming>, shared: &Shared, ikey: &str) -> Response
         status: 0,
     };
     let n = items.len();
+    let reply = match reply {
+        Reply::Slow(delay) => {
+            tokio::time::sleep(delay).await;
+            Reply::Ok
+        }
+        other => other,
+    };
     let (status, body, retry_after) = match reply {
         Reply::Hang => {
             lock(&shared.requests).push(recorded);
@@ -462,7 +498,7 @@ async fn handle(req: Request<Incoming>, shared: &Shared, ikey: &str) -> Response
             };
             (status, body, retry_after)
         }
-        Reply::Ok | Reply::Partial(_) => {
+        Reply::Ok | Reply::Partial(_) | Reply::Slow(_) => {
             let failed = match &reply {
                 Reply::Partial(f) => f.clone(),
                 _ => Vec::new(),

@@ -232,7 +232,7 @@ pub async fn handle(
             if let Some(r) = record.as_mut() {
                 r.error_source = e.source().as_str();
                 r.error_reason = e.code();
-                r.error_message = e.to_string();
+                r.set_error_message(&e.to_string());
             }
             match e.source() {
                 crate::error::ErrorSource::Backend => tracing::warn!(
@@ -302,43 +302,25 @@ fn begin_record(conn: &ConnInfo, req: &Request<Incoming>, request_id: &HeaderVal
         .and_then(|v| v.as_bytes().split(|&b| b == b'-').nth(2))
         .and_then(|s| <[u8; 16]>::try_from(s).ok())
         .filter(|s| s.iter().all(u8::is_ascii_hexdigit));
-    Record {
+    Record::begin(crate::telemetry::Arrival {
         time_unix_ms: crate::telemetry::unix_ms(),
-        request_id: request_id.clone(),
-        trace_id: None,
-        span_id: None,
-        parent_span_id,
-        listener: conn.listener.clone(),
-        client_ip: conn.forwarded.ip_value().clone(),
-        method: req.method().clone(),
+        request_id,
+        client_ip: conn.forwarded.ip_value(),
         host: match req.uri().authority() {
-            Some(a) => HeaderValue::from_str(a.as_str()).ok(),
-            None => h.get(header::HOST).cloned(),
+            Some(a) => Some(a.as_str().as_bytes()),
+            None => h.get(header::HOST).map(HeaderValue::as_bytes),
         },
-        uri: req.uri().clone(),
-        api_id: None,
-        operation_id: None,
-        route: None,
-        product_id: None,
-        subscription_id: None,
-        backend_id: None,
-        backend_url: String::new(),
-        status: 0,
-        backend_status: 0,
-        total_us: 0,
-        backend_us: 0,
+        path: req.uri().path(),
+        user_agent: h.get(header::USER_AGENT),
+        parent_span_id,
+        listener: &conn.listener,
+        method: req.method(),
         bytes_in: h
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok())
             .unwrap_or(0),
-        bytes_out: 0,
-        cache: None,
-        error_source: "",
-        error_reason: "",
-        error_message: String::new(),
-        user_agent: h.get(header::USER_AGENT).cloned(),
-    }
+    })
 }
 
 /// Ids of what a request matched, for logs.
@@ -522,7 +504,7 @@ async fn serve(
                 let run = run_section(shared, steps, p, Hook::Request, &mut msg, ctx, &mut source);
                 let answered = run.await;
                 if let (Some(r), Some(c)) = (record.as_deref_mut(), &ctx.cache_status) {
-                    r.cache = Some(c.clone());
+                    r.set_cache(c);
                 }
                 if let Some(resp) = answered? {
                     return Ok(resp);
@@ -601,17 +583,11 @@ async fn serve(
                 .map_err(|e| ProxyError::BadRequest(e.to_string()))?,
         };
         if let Some(r) = record.as_deref_mut() {
-            let (scheme, authority, path) = (
+            r.set_backend_url(
                 target.scheme.as_str(),
                 target.authority.as_str(),
                 uri.path(),
             );
-            let mut url = String::with_capacity(scheme.len() + 3 + authority.len() + path.len());
-            url.push_str(scheme);
-            url.push_str("://");
-            url.push_str(authority);
-            url.push_str(path);
-            r.backend_url = url;
         }
         parts.uri = uri;
         parts.version = Version::HTTP_11;
@@ -702,7 +678,7 @@ async fn serve(
                     }
                 }
                 if let (Some(r), Some(c)) = (record, &ctx.cache_status) {
-                    r.cache = Some(c.clone());
+                    r.set_cache(c);
                 }
                 if let Some(local) = answered? {
                     return Ok(local);

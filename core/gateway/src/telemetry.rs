@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use abi_stable::std_types::{RResult, RStr, Tuple2};
-use http::{HeaderValue, Method, Uri};
+use http::{HeaderValue, Method};
 use outpost_config::Telemetry as Settings;
 use outpost_plugin_api::{MetricSample, RequestRecord, SinkBox};
 
@@ -26,15 +26,29 @@ pub fn unix_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// A span of [`Record::text`]: start and length.
+#[derive(Debug, Clone, Copy, Default)]
+struct Span(u32, u32);
+
 /// One request, owned until its sinks have exported it. Built on every request while a sink
-/// is configured, so its fields share what the request already holds (header values, the URI,
-/// ids) instead of copying them into strings.
+/// is configured: its strings from the request (ids, host, path, user agent, backend URL,
+/// error) are copied into one buffer as they become known, so a record is one allocation
+/// besides its shared ids, holds nothing of the connection's buffers, and its text is checked
+/// as UTF-8 once instead of by every sink.
 #[derive(Debug, Clone)]
 pub struct Record {
     /// Arrival, Unix milliseconds.
     pub time_unix_ms: u64,
-    /// Request id.
-    pub request_id: HeaderValue,
+    /// Every string of the record, one after the other.
+    text: String,
+    request_id: Span,
+    client_ip: Span,
+    host: Span,
+    path: Span,
+    user_agent: Span,
+    backend_url: Span,
+    cache: Span,
+    error_message: Span,
     /// Trace id (32 lowercase hex), once known.
     pub trace_id: Option<[u8; 32]>,
     /// Span id towards the backend (16 hex), once known.
@@ -43,14 +57,8 @@ pub struct Record {
     pub parent_span_id: Option<[u8; 16]>,
     /// Listener.
     pub listener: Arc<str>,
-    /// Client IP.
-    pub client_ip: HeaderValue,
     /// Method.
     pub method: Method,
-    /// Host, as the client sent it.
-    pub host: Option<HeaderValue>,
-    /// The request's URI as the client sent it (the record shows its path).
-    pub uri: Uri,
     /// API id.
     pub api_id: Option<Arc<str>>,
     /// Operation id.
@@ -63,8 +71,6 @@ pub struct Record {
     pub subscription_id: Option<Arc<str>>,
     /// Backend id.
     pub backend_id: Option<Arc<str>>,
-    /// Backend URL (scheme, authority and path).
-    pub backend_url: String,
     /// Status to the client.
     pub status: u16,
     /// Backend status.
@@ -77,67 +83,170 @@ pub struct Record {
     pub bytes_in: u64,
     /// Response bytes.
     pub bytes_out: u64,
-    /// Cache outcome.
-    pub cache: Option<String>,
     /// Error source.
     pub error_source: &'static str,
     /// Error code.
     pub error_reason: &'static str,
-    /// Error message.
-    pub error_message: String,
+}
+
+/// What a request tells its record when it arrives.
+#[derive(Debug, Clone, Copy)]
+pub struct Arrival<'a> {
+    /// Arrival, Unix milliseconds.
+    pub time_unix_ms: u64,
+    /// Request id.
+    pub request_id: &'a HeaderValue,
+    /// Client IP.
+    pub client_ip: &'a HeaderValue,
+    /// Host, as the client sent it.
+    pub host: Option<&'a [u8]>,
+    /// Path.
+    pub path: &'a str,
     /// User agent.
-    pub user_agent: Option<HeaderValue>,
+    pub user_agent: Option<&'a HeaderValue>,
+    /// The client's span id, when it sent one.
+    pub parent_span_id: Option<[u8; 16]>,
+    /// Listener.
+    pub listener: &'a Arc<str>,
+    /// Method.
+    pub method: &'a Method,
+    /// Request bytes (its declared length).
+    pub bytes_in: u64,
+}
+
+/// Bytes as text when they are UTF-8 (header values nearly always are), else nothing:
+/// telemetry does not carry what it cannot show.
+fn utf8(b: &[u8]) -> &str {
+    std::str::from_utf8(b).unwrap_or_default()
+}
+
+fn hex(h: &Option<impl AsRef<[u8]>>) -> RStr<'_> {
+    h.as_ref()
+        .map(|b| utf8(b.as_ref()))
+        .unwrap_or_default()
+        .into()
 }
 
 fn s(o: &Option<Arc<str>>) -> RStr<'_> {
     o.as_deref().unwrap_or_default().into()
 }
 
-/// A header value as text: UTF-8 is enough for telemetry (sinks escape what they write), and
-/// checking it is cheaper than `to_str`'s visible-ASCII scan, done per sink per record.
-fn text(v: &HeaderValue) -> RStr<'_> {
-    std::str::from_utf8(v.as_bytes()).unwrap_or_default().into()
-}
-
-fn hex(h: &Option<impl AsRef<[u8]>>) -> RStr<'_> {
-    h.as_ref()
-        .and_then(|b| std::str::from_utf8(b.as_ref()).ok())
-        .unwrap_or_default()
-        .into()
-}
-
 impl Record {
+    /// A record of a request that has just arrived.
+    pub fn begin(a: Arrival<'_>) -> Record {
+        let parts = [
+            a.request_id.as_bytes(),
+            a.client_ip.as_bytes(),
+            a.host.unwrap_or_default(),
+            a.path.as_bytes(),
+            a.user_agent.map(HeaderValue::as_bytes).unwrap_or_default(),
+        ];
+        // Room for the backend URL too (scheme, authority and the path again), so that
+        // adding it does not move the text.
+        let room = parts.iter().map(|p| p.len()).sum::<usize>() + a.path.len() + 64;
+        let mut r = Record {
+            time_unix_ms: a.time_unix_ms,
+            text: String::with_capacity(room),
+            request_id: Span::default(),
+            client_ip: Span::default(),
+            host: Span::default(),
+            path: Span::default(),
+            user_agent: Span::default(),
+            backend_url: Span::default(),
+            cache: Span::default(),
+            error_message: Span::default(),
+            trace_id: None,
+            span_id: None,
+            parent_span_id: a.parent_span_id,
+            listener: a.listener.clone(),
+            method: a.method.clone(),
+            api_id: None,
+            operation_id: None,
+            route: None,
+            product_id: None,
+            subscription_id: None,
+            backend_id: None,
+            status: 0,
+            backend_status: 0,
+            total_us: 0,
+            backend_us: 0,
+            bytes_in: a.bytes_in,
+            bytes_out: 0,
+            error_source: "",
+            error_reason: "",
+        };
+        let [id, ip, host, path, agent] = parts.map(|p| r.push(&[utf8(p)]));
+        (r.request_id, r.client_ip, r.host, r.path, r.user_agent) = (id, ip, host, path, agent);
+        r
+    }
+
+    /// Appends `parts` to the text, as one string.
+    fn push(&mut self, parts: &[&str]) -> Span {
+        let start = self.text.len();
+        for p in parts {
+            self.text.push_str(p);
+        }
+        Span(start as u32, (self.text.len() - start) as u32)
+    }
+
+    fn get(&self, s: Span) -> &str {
+        let start = s.0 as usize;
+        self.text
+            .get(start..start + s.1 as usize)
+            .unwrap_or_default()
+    }
+
+    /// The backend URL: scheme, authority and path.
+    pub fn set_backend_url(&mut self, scheme: &str, authority: &str, path: &str) {
+        self.backend_url = self.push(&[scheme, "://", authority, path]);
+    }
+
+    /// The cache outcome.
+    pub fn set_cache(&mut self, outcome: &str) {
+        self.cache = self.push(&[outcome]);
+    }
+
+    /// The error message.
+    pub fn set_error_message(&mut self, message: &str) {
+        self.error_message = self.push(&[message]);
+    }
+
+    /// The path, as the record shows it.
+    pub fn path(&self) -> &str {
+        self.get(self.path)
+    }
+
     /// The ABI view sinks receive.
     pub fn view(&self) -> RequestRecord<'_> {
         RequestRecord {
             time_unix_ms: self.time_unix_ms,
-            request_id: text(&self.request_id),
+            request_id: self.get(self.request_id).into(),
             trace_id: hex(&self.trace_id),
             span_id: hex(&self.span_id),
             parent_span_id: hex(&self.parent_span_id),
             listener: self.listener.as_ref().into(),
-            client_ip: text(&self.client_ip),
+            client_ip: self.get(self.client_ip).into(),
             method: self.method.as_str().into(),
-            host: self.host.as_ref().map(text).unwrap_or_default(),
-            path: self.uri.path().into(),
+            host: self.get(self.host).into(),
+            path: self.get(self.path).into(),
             api_id: s(&self.api_id),
             operation_id: s(&self.operation_id),
             route: s(&self.route),
             product_id: s(&self.product_id),
             subscription_id: s(&self.subscription_id),
             backend_id: s(&self.backend_id),
-            backend_url: self.backend_url.as_str().into(),
+            backend_url: self.get(self.backend_url).into(),
             status: self.status,
             backend_status: self.backend_status,
             total_us: self.total_us,
             backend_us: self.backend_us,
             bytes_in: self.bytes_in,
             bytes_out: self.bytes_out,
-            cache: self.cache.as_deref().unwrap_or_default().into(),
+            cache: self.get(self.cache).into(),
             error_source: self.error_source.into(),
             error_reason: self.error_reason.into(),
-            error_message: self.error_message.as_str().into(),
-            user_agent: self.user_agent.as_ref().map(text).unwrap_or_default(),
+            error_message: self.get(self.error_message).into(),
+            user_agent: self.get(self.user_agent).into(),
         }
     }
 }
@@ -353,5 +462,88 @@ impl Run {
             TELEMETRY_EXPORT_ERRORS.inc(&[&self.name]);
             tracing::warn!(sink = %self.name, error = %e.message, "Telemetry sink metrics export failed.");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn arrival<'a>(
+        id: &'a HeaderValue,
+        ip: &'a HeaderValue,
+        agent: Option<&'a HeaderValue>,
+        listener: &'a Arc<str>,
+    ) -> Arrival<'a> {
+        Arrival {
+            time_unix_ms: 1_795_478_400_123,
+            request_id: id,
+            client_ip: ip,
+            host: Some(b"api.example:8080"),
+            path: "/orders/42",
+            user_agent: agent,
+            parent_span_id: Some(*b"b7ad6b7169203331"),
+            listener,
+            method: &Method::POST,
+            bytes_in: 12,
+        }
+    }
+
+    #[test]
+    fn a_record_shows_what_it_was_told_as_it_learns_it() {
+        let (id, ip) = (
+            HeaderValue::from_static("req-1"),
+            HeaderValue::from_static("10.1.2.3"),
+        );
+        let agent = HeaderValue::from_static("curl/8");
+        let listener: Arc<str> = "http".into();
+        let mut r = Record::begin(arrival(&id, &ip, Some(&agent), &listener));
+        r.trace_id = Some(*b"4bf92f3577b34da6a3ce929d0e0e4736");
+        // Strings added later land after the first ones and leave them as they were.
+        r.set_backend_url("http", "backend.internal:81", "/v1/orders/42");
+        r.set_cache("hit");
+        r.set_error_message("backend said \"no\" — twice");
+        let v = r.view();
+        assert_eq!(v.time_unix_ms, 1_795_478_400_123);
+        assert_eq!(v.request_id.as_str(), "req-1");
+        assert_eq!(v.client_ip.as_str(), "10.1.2.3");
+        assert_eq!(v.host.as_str(), "api.example:8080");
+        assert_eq!(v.path.as_str(), "/orders/42");
+        assert_eq!(r.path(), "/orders/42");
+        assert_eq!(v.user_agent.as_str(), "curl/8");
+        assert_eq!(v.method.as_str(), "POST");
+        assert_eq!(v.listener.as_str(), "http");
+        assert_eq!(v.bytes_in, 12);
+        assert_eq!(v.parent_span_id.as_str(), "b7ad6b7169203331");
+        assert_eq!(v.trace_id.as_str(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(v.span_id.as_str(), "");
+        assert_eq!(
+            v.backend_url.as_str(),
+            "http://backend.internal:81/v1/orders/42"
+        );
+        assert_eq!(v.cache.as_str(), "hit");
+        assert_eq!(v.error_message.as_str(), "backend said \"no\" — twice");
+        // A clone is a record of its own.
+        let copy = r.clone();
+        drop(r);
+        assert_eq!(
+            copy.view().backend_url.as_str(),
+            "http://backend.internal:81/v1/orders/42"
+        );
+    }
+
+    #[test]
+    fn header_values_that_are_not_utf8_are_left_empty() {
+        let id = HeaderValue::from_static("req-2");
+        let ip = HeaderValue::from_static("10.1.2.3");
+        let agent = HeaderValue::from_bytes(b"agent \xff\xfe").expect("obs-text is allowed");
+        let listener: Arc<str> = "http".into();
+        let r = Record::begin(arrival(&id, &ip, Some(&agent), &listener));
+        let v = r.view();
+        assert_eq!(v.user_agent.as_str(), "");
+        assert_eq!(v.request_id.as_str(), "req-2");
+        assert_eq!(v.host.as_str(), "api.example:8080");
+        assert_eq!(v.backend_url.as_str(), "");
+        assert_eq!(v.error_message.as_str(), "");
     }
 }

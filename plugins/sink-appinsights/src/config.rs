@@ -10,6 +10,9 @@ use crate::connection_string::{self, ConnectionString};
 /// The most items one request may carry (the documented ingestion limit).
 pub const MAX_BATCH_ITEMS_LIMIT: usize = 64_000;
 
+/// The most ingestion requests in flight at once.
+pub const MAX_CONCURRENT_REQUESTS: usize = 32;
+
 /// `appinsights` configuration, as written in the manifest.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(crate = "outpost_plugin_sdk::serde", deny_unknown_fields)]
@@ -22,6 +25,10 @@ pub struct Config {
     /// Most items per ingestion request (1 to 64000).
     #[serde(default = "default_max_batch_items")]
     pub max_batch_items: usize,
+    /// Most ingestion requests in flight at once (1 to 32). More than one only while full
+    /// batches are waiting: what lets a distant endpoint keep up with a busy gateway.
+    #[serde(default = "default_max_concurrent_requests")]
+    pub max_concurrent_requests: usize,
     /// A partial batch is sent after waiting this long.
     #[serde(default = "default_flush_interval_ms")]
     pub flush_interval_ms: u64,
@@ -64,6 +71,9 @@ fn default_sampling() -> f64 {
 fn default_max_batch_items() -> usize {
     512
 }
+fn default_max_concurrent_requests() -> usize {
+    4
+}
 fn default_flush_interval_ms() -> u64 {
     1_000
 }
@@ -95,6 +105,8 @@ pub struct Settings {
     pub sampling_percentage: f64,
     /// Items per request.
     pub max_batch_items: usize,
+    /// Requests in flight at most.
+    pub max_concurrent_requests: usize,
     /// Partial batch wait.
     pub flush_interval: Duration,
     /// Request deadline.
@@ -142,6 +154,12 @@ impl Config {
                 self.max_batch_items
             ));
         }
+        if !(1..=MAX_CONCURRENT_REQUESTS).contains(&self.max_concurrent_requests) {
+            problems.push(format!(
+                "max_concurrent_requests must be between 1 and {MAX_CONCURRENT_REQUESTS} (got {})",
+                self.max_concurrent_requests
+            ));
+        }
         for (name, v) in [
             ("flush_interval_ms", self.flush_interval_ms),
             ("timeout_ms", self.timeout_ms),
@@ -179,6 +197,7 @@ impl Config {
                 connection,
                 sampling_percentage: self.sampling_percentage,
                 max_batch_items: self.max_batch_items,
+                max_concurrent_requests: self.max_concurrent_requests,
                 flush_interval: Duration::from_millis(self.flush_interval_ms),
                 timeout: Duration::from_millis(self.timeout_ms),
                 spool_dir: self.spool_dir,
@@ -215,6 +234,7 @@ mod tests {
         .expect("valid");
         assert_eq!(s.sampling_percentage, 100.0);
         assert_eq!(s.max_batch_items, 512);
+        assert_eq!(s.max_concurrent_requests, 4);
         assert_eq!(s.flush_interval, Duration::from_secs(1));
         assert!(s.spool_dir.is_none());
         assert!(s.dependencies && s.exceptions && s.metrics);
@@ -224,13 +244,14 @@ mod tests {
     fn every_problem_is_reported_with_its_field() {
         let err = config(
             r#"{"connection_string": "InstrumentationKey=nope", "sampling_percentage": 101,
-                "max_batch_items": 64001, "timeout_ms": 0, "spool_dir": "", "region": " "}"#,
+                "max_batch_items": 64001, "max_concurrent_requests": 0, "timeout_ms": 0, "spool_dir": "", "region": " "}"#,
         )
         .unwrap_err();
         for field in [
             "connection_string: InstrumentationKey is not a GUID",
             "sampling_percentage must be between 0 and 100",
             "max_batch_items must be between 1 and 64000",
+            "max_concurrent_requests must be between 1 and 32 (got 0)",
             "timeout_ms must be positive",
             "spool_dir must name a directory",
             "region must not be empty",

@@ -242,6 +242,29 @@ enum Origin {
     Spool,
 }
 
+/// How a round of requests went, to move the backoff once for all of them.
+#[derive(Default)]
+struct Round {
+    /// Some request had items accepted.
+    accepted: bool,
+    /// Some answer redirected ingestion.
+    redirected: bool,
+    /// What failed, and what is to be sent again.
+    failure: Option<Failure>,
+}
+
+/// The failures of a round.
+struct Failure {
+    /// "unreachable" or "asked for a retry" (the first failure's).
+    what: &'static str,
+    /// The first failure's answer, for the log.
+    summary: String,
+    /// The longest `Retry-After` asked for.
+    asked: Duration,
+    /// Items to be sent again.
+    items: usize,
+}
+
 /// The sending thread's state.
 pub struct Sender {
     settings: Arc<Settings>,
@@ -250,7 +273,8 @@ pub struct Sender {
     transport: Transport,
     gzip: Gzip,
     spool: Option<Spool>,
-    retry: Option<Vec<Vec<u8>>>,
+    /// Batches to send again (no spool), oldest first: at most one per request of a round.
+    retry: VecDeque<Vec<Vec<u8>>>,
     not_before: Instant,
     failures: u32,
     endpoint: String,
@@ -300,7 +324,7 @@ impl Sender {
             transport,
             gzip: Gzip::new(),
             spool,
-            retry: None,
+            retry: VecDeque::new(),
             not_before: Instant::now(),
             failures: 0,
             redirects: 0,
@@ -315,6 +339,7 @@ impl Sender {
     pub fn run(mut self) {
         let interval = self.settings.flush_interval;
         let max_batch = self.settings.max_batch_items;
+        let lanes = self.settings.max_concurrent_requests;
         let queue = self.queue.clone();
         loop {
             let mut q = queue.lock();
@@ -342,7 +367,7 @@ impl Sender {
                 continue;
             }
             if sendable {
-                if let Some(batch) = self.retry.take() {
+                if let Some(batch) = self.retry.pop_front() {
                     drop(q);
                     self.deliver(batch, Origin::Memory, self.settings.timeout);
                     continue;
@@ -353,9 +378,15 @@ impl Sender {
                     continue;
                 }
                 if ready {
-                    let batch = cut(&mut q, max_batch);
+                    // One batch; more at once (up to the configured number of requests in
+                    // flight) only while full ones are waiting: a backlog, or an endpoint
+                    // far away.
+                    let mut batches = vec![cut(&mut q, max_batch)];
+                    while batches.len() < lanes && q.pending.len() >= max_batch {
+                        batches.push(cut(&mut q, max_batch));
+                    }
                     drop(q);
-                    self.deliver(batch, Origin::Fresh, self.settings.timeout);
+                    self.deliver_all(batches, Origin::Fresh, self.settings.timeout);
                     continue;
                 }
             }
@@ -365,7 +396,7 @@ impl Sender {
                     wake = Some(t + interval);
                 }
             }
-            if !sendable && (self.retry.is_some() || self.spooled() || ready) {
+            if !sendable && (!self.retry.is_empty() || self.spooled() || ready) {
                 wake = Some(wake.map_or(self.not_before, |w| w.min(self.not_before)));
             }
             let wait = wake.map_or(Duration::from_secs(3600), |w| {
@@ -389,15 +420,74 @@ impl Sender {
     }
 
     /// Sends a batch and acts on the answer.
-    fn deliver(&mut self, mut items: Vec<Vec<u8>>, from: Origin, timeout: Duration) {
-        let n = items.len();
+    fn deliver(&mut self, items: Vec<Vec<u8>>, from: Origin, timeout: Duration) {
+        self.deliver_all(vec![items], from, timeout);
+    }
+
+    /// Sends batches at once (one request each) and acts on every answer, in order; the
+    /// backoff moves once for the whole round.
+    fn deliver_all(&mut self, batches: Vec<Vec<Vec<u8>>>, from: Origin, timeout: Duration) {
         let queue = self.queue.clone();
-        let body = self.gzip.body(&items);
-        let answer = self
+        let bodies = batches.iter().map(|b| self.gzip.body(b)).collect();
+        let answers = self
             .transport
-            .send(&self.endpoint, body, timeout, &|| queue.hurry());
-        let verdict = transport::judge(&answer, n);
+            .send_all(&self.endpoint, bodies, timeout, &|| queue.hurry());
+        let mut round = Round::default();
+        for (items, answer) in batches.into_iter().zip(&answers) {
+            self.settle(items, from, answer, &mut round);
+        }
+        match round.failure {
+            Some(failure) => {
+                if round.accepted {
+                    self.failures = 0;
+                }
+                let backoff = self.backoff();
+                self.failures += 1;
+                let delay = backoff.max(failure.asked);
+                log(
+                    if self.failures == 1 { level::WARN } else { level::DEBUG },
+                    format!(
+                        "Application Insights ingestion {} ({}); {} items are sent again in {} ms{}.",
+                        failure.what,
+                        failure.summary,
+                        failure.items,
+                        delay.as_millis(),
+                        if self.spool.is_some() { ", spooled meanwhile" } else { "" }
+                    ),
+                );
+                self.not_before = Instant::now() + delay;
+            }
+            None if round.redirected => self.not_before = Instant::now(),
+            None => {
+                if self.failures > 0 {
+                    log(
+                        level::INFO,
+                        format!(
+                            "Application Insights ingestion answers again at {}.",
+                            self.endpoint
+                        ),
+                    );
+                }
+                self.failures = 0;
+                self.redirects = 0;
+                self.not_before = Instant::now();
+            }
+        }
+    }
+
+    /// Acts on one batch's answer: counts what was accepted and dropped, and keeps what is
+    /// to be sent again (spooled, or in memory).
+    fn settle(
+        &mut self,
+        mut items: Vec<Vec<u8>>,
+        from: Origin,
+        answer: &Answer,
+        round: &mut Round,
+    ) {
+        let n = items.len();
+        let verdict = transport::judge(answer, n);
         self.stats.sent(verdict.accepted);
+        round.accepted |= verdict.accepted > 0;
         for (reason, count) in &verdict.dropped {
             self.stats.dropped(*reason, *count);
             log(
@@ -410,18 +500,6 @@ impl Sender {
             );
         }
         if verdict.resend.is_empty() {
-            if self.failures > 0 {
-                log(
-                    level::INFO,
-                    format!(
-                        "Application Insights ingestion answers again at {}.",
-                        self.endpoint
-                    ),
-                );
-            }
-            self.failures = 0;
-            self.redirects = 0;
-            self.not_before = Instant::now();
             if from == Origin::Spool {
                 self.pop_spooled();
             }
@@ -438,43 +516,34 @@ impl Sender {
                 .collect()
         };
         self.stats.retried(rest.len());
-        let delay = match (&verdict.redirect, self.redirects < 10) {
+        match (&verdict.redirect, self.redirects < 10) {
             (Some(to), true) => {
-                self.redirects += 1;
-                log(
-                    level::INFO,
-                    format!("Application Insights redirected ingestion to {to}."),
-                );
-                self.endpoint = to.clone();
-                Duration::ZERO
+                if !round.redirected {
+                    self.redirects += 1;
+                    log(
+                        level::INFO,
+                        format!("Application Insights redirected ingestion to {to}."),
+                    );
+                    self.endpoint = to.clone();
+                    round.redirected = true;
+                }
             }
             _ => {
-                if verdict.accepted > 0 {
-                    self.failures = 0;
-                }
-                let backoff = self.backoff();
-                self.failures += 1;
                 let asked = verdict.retry_after.unwrap_or_default().min(MAX_RETRY_AFTER);
-                let delay = backoff.max(asked);
-                let what = if matches!(answer, Answer::Failed(_)) {
-                    "unreachable"
-                } else {
-                    "asked for a retry"
-                };
-                log(
-                    if self.failures == 1 { level::WARN } else { level::DEBUG },
-                    format!(
-                        "Application Insights ingestion {what} ({}); {} items are sent again in {} ms{}.",
-                        verdict.summary,
-                        rest.len(),
-                        delay.as_millis(),
-                        if self.spool.is_some() { ", spooled meanwhile" } else { "" }
-                    ),
-                );
-                delay
+                let failure = round.failure.get_or_insert_with(|| Failure {
+                    what: if matches!(answer, Answer::Failed(_)) {
+                        "unreachable"
+                    } else {
+                        "asked for a retry"
+                    },
+                    summary: verdict.summary.clone(),
+                    asked,
+                    items: 0,
+                });
+                failure.asked = failure.asked.max(asked);
+                failure.items += rest.len();
             }
-        };
-        self.not_before = Instant::now() + delay;
+        }
         match (from, self.spool.is_some()) {
             (Origin::Spool, _) => {
                 if rest.len() < n {
@@ -491,7 +560,7 @@ impl Sender {
                 }
             }
             (_, true) => self.spool_push(rest),
-            (_, false) => self.retry = Some(rest),
+            (_, false) => self.retry.push_back(rest),
         }
     }
 
@@ -571,7 +640,7 @@ impl Sender {
                 .settings
                 .timeout
                 .min(deadline.saturating_duration_since(now));
-            if let Some(batch) = self.retry.take() {
+            if let Some(batch) = self.retry.pop_front() {
                 self.deliver(batch, Origin::Memory, timeout);
                 continue;
             }
@@ -582,11 +651,14 @@ impl Sender {
             if pending.is_empty() {
                 break;
             }
-            let n = pending.len().min(max_batch);
-            let batch: Vec<Vec<u8>> = pending.drain(..n).collect();
-            self.deliver(batch, Origin::Fresh, timeout);
+            let mut batches = Vec::new();
+            while batches.len() < self.settings.max_concurrent_requests && !pending.is_empty() {
+                let n = pending.len().min(max_batch);
+                batches.push(pending.drain(..n).collect());
+            }
+            self.deliver_all(batches, Origin::Fresh, timeout);
         }
-        let mut left = self.retry.take().unwrap_or_default();
+        let mut left: Vec<Vec<u8>> = self.retry.drain(..).flatten().collect();
         left.extend(pending);
         if left.is_empty() {
             return;

@@ -290,3 +290,49 @@ fn sampling_keeps_failures() {
     assert_eq!(fake.accepted_of("ExceptionData").len(), 1);
     assert_eq!(s.stats().dropped_total(Reason::Sampling), 2);
 }
+
+#[test]
+fn a_backlog_goes_out_in_concurrent_requests_and_one_failure_is_retried_alone() {
+    let fake = Ingestion::start();
+    // A slow endpoint: one request at a time would take a second per batch.
+    let slow = Reply::Slow(Duration::from_millis(1000));
+    fake.script([slow.clone(), slow.clone(), slow.clone(), slow]);
+    let s = sink(&fake, json!({}));
+    let sent = spans(1, 12);
+    export(&s, &sent);
+    let accepted = fake.wait_until(WAIT, |a| a.len() >= 12);
+    assert_eq!(fake.requests().len(), 4, "four batches of three");
+    assert_eq!(fake.max_in_flight(), 4, "all four in flight at once");
+    let mut got = ids(&accepted);
+    got.sort();
+    assert_eq!(got, sent, "each accepted once");
+
+    // In a round where one request is throttled, only its batch is sent again.
+    fake.script([
+        Reply::Slow(Duration::from_millis(300)),
+        Reply::status(503),
+        Reply::Slow(Duration::from_millis(300)),
+    ]);
+    let more = spans(100, 9);
+    export(&s, &more);
+    let accepted = fake.wait_until(WAIT, |a| a.len() >= 21);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(fake.accepted().len(), 21, "nothing twice");
+    let mut got = ids(&accepted[12..]);
+    got.sort();
+    assert_eq!(got, more);
+    assert_eq!(s.stats().retried_total(), 3, "the throttled batch only");
+    assert_eq!(fake.requests().len(), 4 + 3 + 1);
+    assert!(fake.invalid().is_empty(), "{:?}", fake.invalid());
+}
+
+#[test]
+fn one_request_at_a_time_when_configured() {
+    let fake = Ingestion::start();
+    fake.script((0..3).map(|_| Reply::Slow(Duration::from_millis(200))));
+    let s = sink(&fake, json!({ "max_concurrent_requests": 1 }));
+    export(&s, &spans(1, 9));
+    fake.wait_until(WAIT, |a| a.len() >= 9);
+    assert_eq!(fake.requests().len(), 3);
+    assert_eq!(fake.max_in_flight(), 1);
+}

@@ -396,62 +396,107 @@ impl Transport {
         timeout: Duration,
         hurry: &dyn Fn() -> bool,
     ) -> Answer {
+        self.send_all(endpoint, vec![gz], timeout, hurry)
+            .pop()
+            .unwrap_or_else(|| Answer::Failed("nothing sent".into()))
+    }
+
+    /// Sends several gzip bodies at once, each in its own request (on its own connection
+    /// while the others are in flight), and returns their answers in the same order. Each
+    /// has `timeout`; `hurry` gives up on those still waiting.
+    pub fn send_all(
+        &self,
+        endpoint: &str,
+        bodies: Vec<Vec<u8>>,
+        timeout: Duration,
+        hurry: &dyn Fn() -> bool,
+    ) -> Vec<Answer> {
         let url = format!("{endpoint}{TRACK_PATH}");
-        let request = match http::Request::post(&url)
-            .header(http::header::CONTENT_TYPE, "application/x-json-stream")
-            .header(http::header::CONTENT_ENCODING, "gzip")
-            .header(http::header::ACCEPT, "application/json")
-            .header(http::header::USER_AGENT, crate::envelope::SDK_VERSION)
-            .body(Full::new(Bytes::from(gz)))
-        {
-            Ok(r) => r,
-            Err(e) => return Answer::Failed(format!("cannot build a request to {url}: {e}")),
-        };
-        let exchange = async {
-            let resp = self
-                .client
-                .request(request)
-                .await
-                .map_err(|e| error_chain(&e))?;
-            let status = resp.status().as_u16();
-            let header = |name: http::header::HeaderName| {
-                resp.headers()
-                    .get(name)
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_owned)
-            };
-            let retry_after =
-                header(http::header::RETRY_AFTER).and_then(|v| retry_after(&v, SystemTime::now()));
-            let location = header(http::header::LOCATION);
-            let body = Limited::new(resp.into_body(), MAX_RESPONSE_BYTES)
-                .collect()
-                .await
-                .map(|b| b.to_bytes())
-                .unwrap_or_default();
-            Ok::<_, String>(Answer::Status {
-                status,
-                retry_after,
-                location,
-                body,
-            })
-        };
+        let mut answers: Vec<Option<Answer>> = Vec::with_capacity(bodies.len());
+        let mut tasks = Vec::with_capacity(bodies.len());
+        for gz in bodies {
+            match http::Request::post(&url)
+                .header(http::header::CONTENT_TYPE, "application/x-json-stream")
+                .header(http::header::CONTENT_ENCODING, "gzip")
+                .header(http::header::ACCEPT, "application/json")
+                .header(http::header::USER_AGENT, crate::envelope::SDK_VERSION)
+                .body(Full::new(Bytes::from(gz)))
+            {
+                Ok(request) => {
+                    let client = self.client.clone();
+                    tasks.push((
+                        answers.len(),
+                        self.runtime.spawn(exchange(client, request, timeout)),
+                    ));
+                    answers.push(None);
+                }
+                Err(e) => answers.push(Some(Answer::Failed(format!(
+                    "cannot build a request to {url}: {e}"
+                )))),
+            }
+        }
         self.runtime.block_on(async {
-            let mut exchange = std::pin::pin!(tokio::time::timeout(timeout, exchange));
-            loop {
-                tokio::select! {
-                    done = &mut exchange => return match done {
-                        Ok(Ok(answer)) => answer,
-                        Ok(Err(e)) => Answer::Failed(e),
-                        Err(_) => Answer::Failed(format!("no answer within {} ms", timeout.as_millis())),
-                    },
-                    _ = tokio::time::sleep(Duration::from_millis(25)) => {
-                        if hurry() {
-                            return Answer::Failed("given up: the sink is stopping".into());
+            for (i, task) in &mut tasks {
+                loop {
+                    tokio::select! {
+                        done = &mut *task => {
+                            answers[*i] = Some(done.unwrap_or_else(|e| Answer::Failed(format!("the request failed: {e}"))));
+                            break;
+                        }
+                        _ = tokio::time::sleep(Duration::from_millis(25)) => {
+                            if hurry() {
+                                return;
+                            }
                         }
                     }
                 }
             }
+        });
+        for (_, task) in &tasks {
+            task.abort();
+        }
+        answers
+            .into_iter()
+            .map(|a| a.unwrap_or_else(|| Answer::Failed("given up: the sink is stopping".into())))
+            .collect()
+    }
+}
+
+/// One exchange: the request, then the answer's status, `Retry-After`, `Location` and body,
+/// within `timeout`.
+async fn exchange(
+    client: Client<Https, Full<Bytes>>,
+    request: http::Request<Full<Bytes>>,
+    timeout: Duration,
+) -> Answer {
+    let exchange = async {
+        let resp = client.request(request).await.map_err(|e| error_chain(&e))?;
+        let status = resp.status().as_u16();
+        let header = |name: http::header::HeaderName| {
+            resp.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let retry_after =
+            header(http::header::RETRY_AFTER).and_then(|v| retry_after(&v, SystemTime::now()));
+        let location = header(http::header::LOCATION);
+        let body = Limited::new(resp.into_body(), MAX_RESPONSE_BYTES)
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        Ok::<_, String>(Answer::Status {
+            status,
+            retry_after,
+            location,
+            body,
         })
+    };
+    match tokio::time::timeout(timeout, exchange).await {
+        Ok(Ok(answer)) => answer,
+        Ok(Err(e)) => Answer::Failed(e),
+        Err(_) => Answer::Failed(format!("no answer within {} ms", timeout.as_millis())),
     }
 }
 
