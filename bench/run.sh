@@ -274,7 +274,7 @@ config = { path = \"/dev/null\" }"
     start_nginx "$TMP/ingest" "$LOAD_CPU" "
   client_max_body_size 64m;
   client_body_buffer_size 16m;
-  log_format ingest '\$request_length \$status';
+  log_format ingest '\$content_length \$status';
   server {
     listen 127.0.0.1:$INGEST_PORT;
     location = /v2.1/track {
@@ -422,7 +422,7 @@ if [[ -n ${INGEST_PORT:-} ]]; then
   TELE_SAMPLED=$(awk '/^appinsights_items_dropped_total\{reason="sampling"\}/ { printf "%d", $NF }' <<<"$METRICS")
   TELE_LOST=$(( $(metric_sum appinsights_items_dropped_total) - ${TELE_SAMPLED:-0} + $(metric_sum outpost_telemetry_dropped_total) ))
   TELE_BYTES=$(awk '{ s += $1 } END { printf "%d", s }' "$TMP/ingest/track.log")
-  echo "bench: outpost-telemetry answered $TELE_REQUESTS requests; Application Insights accepted $TELE_SENT items in $TELE_BYTES request bytes, ${TELE_SAMPLED:-0} were sampled out, $TELE_LOST were lost (queue or buffer full, refused)" >&2
+  echo "bench: outpost-telemetry answered $TELE_REQUESTS requests; Application Insights accepted $TELE_SENT items in $TELE_BYTES body bytes, ${TELE_SAMPLED:-0} were sampled out, $TELE_LOST were lost (queue or buffer full, refused)" >&2
   if (( TELE_LOST > 0 )); then
     echo "bench: WARNING: the two-sink variant lost telemetry, so it measured less work than it should" >&2
   fi
@@ -461,7 +461,7 @@ report() {
     if [[ -n ${RSS_MIB[$name]:-} ]]; then echo "- $name idle RSS: ${RSS_MIB[$name]} MiB"; fi
   done
   if [[ -n ${TELE_REQUESTS:-} ]]; then
-    echo "- outpost-telemetry (Application Insights at ${BENCH_AI_SAMPLING:-100} % sampling, Prometheus): $TELE_REQUESTS requests, $TELE_SENT items accepted by the ingestion endpoint ($TELE_BYTES request bytes), ${TELE_SAMPLED:-0} sampled out, $TELE_LOST lost"
+    echo "- outpost-telemetry (Application Insights at ${BENCH_AI_SAMPLING:-100} % sampling, Prometheus): $TELE_REQUESTS requests, $TELE_SENT items accepted by the ingestion endpoint ($TELE_BYTES gzip body bytes), ${TELE_SAMPLED:-0} sampled out, $TELE_LOST lost"
   fi
   echo "- machine: $(nproc) CPUs, $(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo); $(uname -sr)"
   echo "- nginx: $(nginx -v 2>&1 | sed 's/^nginx version: //'); wrk: $(wrk -v 2>&1 | awk 'NR == 1 { print $2 }')"

@@ -10,6 +10,7 @@
 //! per item and nothing else.
 
 use std::borrow::Cow;
+use std::ops::Range;
 
 use outpost_plugin_sdk::api::abi_stable::std_types::RStr;
 use outpost_plugin_sdk::serde_json::ser::{CompactFormatter, Formatter as _};
@@ -148,8 +149,14 @@ fn random_hex(bytes: usize) -> String {
     String::from_utf8(buf).unwrap_or_default()
 }
 
+/// Whether `s` is `len` hex digits. Without a branch per character: random hex digits
+/// are digits or letters at random, which costs a mispredicted branch every other character.
 fn is_hex(s: &str, len: usize) -> bool {
-    s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit())
+    s.len() == len
+        && s.bytes().fold(true, |ok, b| {
+            let lower = b | 0x20;
+            ok & ((b.wrapping_sub(b'0') < 10) | (lower.wrapping_sub(b'a') < 6))
+        })
 }
 
 /// The ids that tie one request's items together.
@@ -447,6 +454,28 @@ impl Type {
     }
 }
 
+/// How an item gets its operation tags: written from the record, or copied from the
+/// request's first item.
+#[derive(Clone, Copy)]
+enum Tags<'a> {
+    Write(&'a OperationIds<'a>, &'a RequestRecord<'a>),
+    Copy(&'a [u8]),
+}
+
+/// What every item of one request carries alike, as its request item has it: the operation
+/// tags and the custom properties (JSON members, each ending with a comma).
+#[derive(Clone, Copy)]
+struct Common<'b> {
+    tags: &'b [u8],
+    props: &'b [u8],
+}
+
+/// Where a request item holds its [`Common`] parts.
+struct CommonAt {
+    tags: Range<usize>,
+    props: Range<usize>,
+}
+
 /// Writes a sink's items as NDJSON lines, straight from the records; what is the same for
 /// every item is serialised once, in [`Encoder::new`].
 #[derive(Debug, Clone)]
@@ -549,6 +578,12 @@ impl Encoder {
             operation: Cow::Borrowed(""),
             request: Cow::Borrowed(""),
         };
+        let mut request = Vec::new();
+        let at = self.write_request(&mut request, &r, &ids, 100.0);
+        let common = Common {
+            tags: &request[at.tags],
+            props: &request[at.props],
+        };
         let mut buf = Vec::new();
         let mut size = |write: &dyn Fn(&mut Vec<u8>)| {
             buf.clear();
@@ -556,9 +591,9 @@ impl Encoder {
             buf.len()
         };
         [
-            size(&|b| self.write_request(b, &r, &ids, 100.0)),
-            size(&|b| self.write_dependency(b, &r, &ids, 100.0)),
-            size(&|b| self.write_exception(b, &r, &ids, 100.0)),
+            request.len(),
+            size(&|b| self.write_dependency(b, &r, &ids, 100.0, common)),
+            size(&|b| self.write_exception(b, &r, &ids, 100.0, common)),
             size(&|b| self.write_metric(b, "", &[], f64::MAX, 0)),
         ]
     }
@@ -612,16 +647,17 @@ impl Encoder {
         }
     }
 
-    /// The envelope up to `baseData`'s first field: name, key, time, sample rate, tags (those
-    /// of a request's operation when `op` is given: ids, parent id, record).
+    /// The envelope up to `baseData`'s first field: name, key, time, sample rate, tags (with
+    /// a request's operation tags when `op` is given, then its parent id). Returns where the
+    /// operation tags are in `buf`.
     fn open(
         &self,
         buf: &mut Vec<u8>,
         t: Type,
         unix_ms: u64,
         sample_rate: Option<f64>,
-        op: Option<(&OperationIds<'_>, &str, &RequestRecord<'_>)>,
-    ) {
+        op: Option<(Tags<'_>, &str)>,
+    ) -> Range<usize> {
         buf.extend_from_slice(&self.heads[t as usize]);
         push_time(buf, unix_ms);
         buf.push(b'"');
@@ -629,56 +665,88 @@ impl Encoder {
             self.push_rate(buf, rate);
         }
         buf.extend_from_slice(br#","tags":{"#);
-        if let Some((ids, parent, r)) = op {
-            push_entry(buf, "ai.operation.id", &ids.operation, limit::ID);
+        let start = buf.len();
+        if let Some((tags, _)) = op {
+            match tags {
+                Tags::Write(ids, r) => {
+                    push_entry(buf, "ai.operation.id", &ids.operation, limit::ID);
+                    push_key(buf, "ai.operation.name");
+                    push_joined(buf, &name_parts(r), limit::NAME);
+                    buf.push(b',');
+                    push_entry(buf, "ai.location.ip", r.client_ip.as_str(), limit::IP);
+                    push_entry(
+                        buf,
+                        "ai.user.userAgent",
+                        r.user_agent.as_str(),
+                        limit::USER_AGENT,
+                    );
+                }
+                Tags::Copy(written) => buf.extend_from_slice(written),
+            }
+        }
+        let written = start..buf.len();
+        if let Some((_, parent)) = op {
             push_entry(buf, "ai.operation.parentId", parent, limit::ID);
-            push_key(buf, "ai.operation.name");
-            push_joined(buf, &name_parts(r), limit::NAME);
-            buf.push(b',');
-            push_entry(buf, "ai.location.ip", r.client_ip.as_str(), limit::IP);
-            push_entry(
-                buf,
-                "ai.user.userAgent",
-                r.user_agent.as_str(),
-                limit::USER_AGENT,
-            );
         }
         buf.extend_from_slice(&self.sink_tags);
         close(buf);
         buf.extend_from_slice(t.data());
+        written
     }
 
     /// The custom properties every item of a request carries, named as API Management names
-    /// them, and then the closing of `baseData`, `data` and the envelope.
-    fn properties_and_close(&self, buf: &mut Vec<u8>, r: &RequestRecord<'_>, backend: bool) {
+    /// them (written, or copied from the request's first item), the backend's id on backend
+    /// calls, and then the closing of `baseData`, `data` and the envelope. Returns where the
+    /// shared properties are in `buf`.
+    fn properties_and_close(
+        &self,
+        buf: &mut Vec<u8>,
+        r: &RequestRecord<'_>,
+        written: Option<&[u8]>,
+        backend: bool,
+    ) -> Range<usize> {
         push_key(buf, "properties");
         buf.push(b'{');
-        push_entry(buf, "API Name", r.api_id.as_str(), limit::DATA);
-        push_entry(buf, "Operation Name", r.operation_id.as_str(), limit::DATA);
-        push_entry(buf, "Product Name", r.product_id.as_str(), limit::DATA);
-        push_entry(
-            buf,
-            "Subscription Name",
-            r.subscription_id.as_str(),
-            limit::DATA,
-        );
-        buf.extend_from_slice(&self.region);
-        push_entry(buf, "Cache", cache_property(r.cache.as_str()), limit::DATA);
-        push_entry(buf, "Request Id", r.request_id.as_str(), limit::DATA);
-        push_entry(buf, "HTTP Method", r.method.as_str(), limit::DATA);
-        push_entry(buf, "Error Source", r.error_source.as_str(), limit::DATA);
-        push_entry(buf, "Error Reason", r.error_reason.as_str(), limit::DATA);
+        let start = buf.len();
+        match written {
+            Some(props) => {
+                buf.extend_from_slice(props);
+                buf.push(b',');
+            }
+            None => {
+                push_entry(buf, "API Name", r.api_id.as_str(), limit::DATA);
+                push_entry(buf, "Operation Name", r.operation_id.as_str(), limit::DATA);
+                push_entry(buf, "Product Name", r.product_id.as_str(), limit::DATA);
+                push_entry(
+                    buf,
+                    "Subscription Name",
+                    r.subscription_id.as_str(),
+                    limit::DATA,
+                );
+                buf.extend_from_slice(&self.region);
+                push_entry(buf, "Cache", cache_property(r.cache.as_str()), limit::DATA);
+                push_entry(buf, "Request Id", r.request_id.as_str(), limit::DATA);
+                push_entry(buf, "HTTP Method", r.method.as_str(), limit::DATA);
+                push_entry(buf, "Error Source", r.error_source.as_str(), limit::DATA);
+                push_entry(buf, "Error Reason", r.error_reason.as_str(), limit::DATA);
+            }
+        }
+        // Without the last member's comma, which closing the object replaces (there is
+        // always one: `Cache` is never empty).
+        let written = start..buf.len() - 1;
         if backend {
             push_entry(buf, "Backend ID", r.backend_id.as_str(), limit::DATA);
         }
         close(buf);
         buf.extend_from_slice(b"}}}");
+        written
     }
 
     /// The items of one request: the request itself, its backend call and its failure (as
     /// configured), each handed to `item` as an NDJSON line (without the newline).
     /// `sample_rate` is what the request item stands for (100 for failures, which are always
-    /// sent).
+    /// sent). What the items share (operation tags, custom properties) is written once, in
+    /// the request item, and copied into the others.
     pub fn request_items(
         &self,
         r: &RequestRecord<'_>,
@@ -686,56 +754,42 @@ impl Encoder {
         sample_rate: f64,
         mut item: impl FnMut(Vec<u8>),
     ) {
-        let mut buf = self.buffer(Type::Request, r);
-        self.write_request(&mut buf, r, ids, sample_rate);
-        item(buf);
+        let mut request = self.buffer(Type::Request, r);
+        let at = self.write_request(&mut request, r, ids, sample_rate);
+        let common = Common {
+            tags: &request[at.tags],
+            props: &request[at.props],
+        };
         let backend_failed = r.error_source.as_str() == "backend";
-        if self.kinds.dependencies && (r.backend_status != 0 || backend_failed) {
-            let mut buf = self.buffer(Type::Dependency, r);
-            self.write_dependency(&mut buf, r, ids, sample_rate);
-            item(buf);
-        }
-        if self.kinds.exceptions && !r.error_source.is_empty() {
+        let dependency = (self.kinds.dependencies && (r.backend_status != 0 || backend_failed))
+            .then(|| {
+                let mut buf = self.buffer(Type::Dependency, r);
+                self.write_dependency(&mut buf, r, ids, sample_rate, common);
+                buf
+            });
+        let exception = (self.kinds.exceptions && !r.error_source.is_empty()).then(|| {
             let mut buf = self.buffer(Type::Exception, r);
-            self.write_exception(&mut buf, r, ids, sample_rate);
-            item(buf);
-        }
+            self.write_exception(&mut buf, r, ids, sample_rate, common);
+            buf
+        });
+        item(request);
+        dependency.into_iter().chain(exception).for_each(item);
     }
 
-    /// Opens an item about a request: its time, sample rate and operation tags, `parent`
-    /// being the span the item hangs from.
-    fn open_item(
-        &self,
-        buf: &mut Vec<u8>,
-        t: Type,
-        r: &RequestRecord<'_>,
-        ids: &OperationIds<'_>,
-        parent: &str,
-        sample_rate: f64,
-    ) {
-        self.open(
-            buf,
-            t,
-            r.time_unix_ms,
-            Some(sample_rate),
-            Some((ids, parent, r)),
-        );
-    }
-
+    /// A request item; returns where it holds what the request's other items share.
     fn write_request(
         &self,
         buf: &mut Vec<u8>,
         r: &RequestRecord<'_>,
         ids: &OperationIds<'_>,
         sample_rate: f64,
-    ) {
-        self.open_item(
+    ) -> CommonAt {
+        let tags = self.open(
             buf,
             Type::Request,
-            r,
-            ids,
-            r.parent_span_id.as_str(),
-            sample_rate,
+            r.time_unix_ms,
+            Some(sample_rate),
+            Some((Tags::Write(ids, r), r.parent_span_id.as_str())),
         );
         push_key(buf, "id");
         push_str(buf, cut(&ids.request, limit::ID));
@@ -763,7 +817,8 @@ impl Encoder {
         buf.extend_from_slice(br#","Response Size":"#);
         push_f64(buf, r.bytes_out as f64);
         buf.extend_from_slice(b"},");
-        self.properties_and_close(buf, r, false);
+        let props = self.properties_and_close(buf, r, None, false);
+        CommonAt { tags, props }
     }
 
     fn write_dependency(
@@ -772,8 +827,15 @@ impl Encoder {
         r: &RequestRecord<'_>,
         ids: &OperationIds<'_>,
         sample_rate: f64,
+        common: Common<'_>,
     ) {
-        self.open_item(buf, Type::Dependency, r, ids, &ids.request, sample_rate);
+        self.open(
+            buf,
+            Type::Dependency,
+            r.time_unix_ms,
+            Some(sample_rate),
+            Some((Tags::Copy(common.tags), &ids.request)),
+        );
         let backend_url = r.backend_url.as_str();
         let path = split_url(backend_url).map_or("", |(_, _, p)| p);
         let path = path.split('?').next().unwrap_or_default();
@@ -807,7 +869,7 @@ impl Encoder {
             push_str(buf, cut(target(backend_url), limit::NAME));
         }
         buf.extend_from_slice(br#","type":"HTTP","#);
-        self.properties_and_close(buf, r, true);
+        self.properties_and_close(buf, r, Some(common.props), true);
     }
 
     fn write_exception(
@@ -816,8 +878,15 @@ impl Encoder {
         r: &RequestRecord<'_>,
         ids: &OperationIds<'_>,
         sample_rate: f64,
+        common: Common<'_>,
     ) {
-        self.open_item(buf, Type::Exception, r, ids, &ids.request, sample_rate);
+        self.open(
+            buf,
+            Type::Exception,
+            r.time_unix_ms,
+            Some(sample_rate),
+            Some((Tags::Copy(common.tags), &ids.request)),
+        );
         let source = r.error_source.as_str();
         let reason = r.error_reason.as_str();
         // Failures are few: plain strings will do.
@@ -839,7 +908,7 @@ impl Encoder {
         buf.extend_from_slice(br#","problemId":"#);
         push_joined(buf, &[source, ":", &type_name], limit::NAME);
         buf.push(b',');
-        self.properties_and_close(buf, r, false);
+        self.properties_and_close(buf, r, Some(common.props), false);
     }
 
     /// One metric series as MetricData: a single measurement named after the metric, its
@@ -863,7 +932,7 @@ impl Encoder {
         value: f64,
         unix_ms: u64,
     ) {
-        self.open(buf, Type::Metric, unix_ms, None, None);
+        let _ = self.open(buf, Type::Metric, unix_ms, None, None);
         buf.extend_from_slice(br#""metrics":[{"name":"#);
         push_str(buf, cut(name, limit::NAME));
         buf.extend_from_slice(br#","kind":0,"value":"#);
@@ -1189,6 +1258,18 @@ mod tests {
         assert_eq!(b["properties"]["Region"], "West Europe");
         assert!(m.get("sampleRate").is_none());
         assert_eq!(m["tags"]["ai.cloud.role"], "edge-1");
+    }
+
+    #[test]
+    fn hex_is_checked_exactly() {
+        assert!(is_hex("0123456789abcdefABCDEF0123456789", 32));
+        assert!(!is_hex("0123456789abcdefABCDEF012345678", 32), "too short");
+        for bad in [b'g', b'G', b'/', b':', b'@', b'`', b' ', 0xc3] {
+            let mut s = b"00f067aa0ba902b7".to_vec();
+            s[7] = bad;
+            let s = String::from_utf8_lossy(&s).into_owned();
+            assert!(!is_hex(&s, s.len()), "{s:?}");
+        }
     }
 
     #[test]
