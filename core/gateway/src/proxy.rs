@@ -224,12 +224,23 @@ pub async fn handle(
     let mut record = shared
         .telemetry
         .as_ref()
-        .map(|_| begin_record(&conn, &req, &request_id));
+        .map(|_| Arc::new(begin_record(&conn, &req, &request_id)));
 
-    let mut resp = match serve(&shared, &conn, req, &request_id, &mut ids, record.as_mut()).await {
+    // The record is built where the sinks will read it and filled in place: it is not shared
+    // before it is offered, so `get_mut` always has it.
+    let mut resp = match serve(
+        &shared,
+        &conn,
+        req,
+        &request_id,
+        &mut ids,
+        record.as_mut().and_then(Arc::get_mut),
+    )
+    .await
+    {
         Ok(resp) => resp,
         Err(e) => {
-            if let Some(r) = record.as_mut() {
+            if let Some(r) = record.as_mut().and_then(Arc::get_mut) {
                 r.error_source = e.source().as_str();
                 r.error_reason = e.code();
                 r.set_error_message(&e.to_string());
@@ -266,14 +277,16 @@ pub async fn handle(
     }
     resp.headers_mut()
         .insert(&headers::X_REQUEST_ID, request_id.clone());
-    if let (Some(t), Some(mut r)) = (shared.telemetry.as_ref(), record) {
-        r.status = resp.status().as_u16();
-        r.total_us = started.elapsed().as_micros() as u64;
-        r.bytes_out = http_body::Body::size_hint(resp.body()).exact().unwrap_or(0);
-        r.api_id = ids.api.clone();
-        r.operation_id = ids.operation.clone();
-        r.subscription_id = ids.subscription.clone();
-        t.offer(r);
+    if let (Some(t), Some(mut record)) = (shared.telemetry.as_ref(), record) {
+        if let Some(r) = Arc::get_mut(&mut record) {
+            r.status = resp.status().as_u16();
+            r.total_us = started.elapsed().as_micros() as u64;
+            r.bytes_out = http_body::Body::size_hint(resp.body()).exact().unwrap_or(0);
+            r.api_id = ids.api.clone();
+            r.operation_id = ids.operation.clone();
+            r.subscription_id = ids.subscription.clone();
+        }
+        t.offer(record);
     }
     if let Some(path) = log_path {
         tracing::info!(

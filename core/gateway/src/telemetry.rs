@@ -336,8 +336,7 @@ impl Telemetry {
     }
 
     /// Offers a record to every sink; a full queue drops it for that sink and counts it.
-    pub fn offer(&self, record: Record) {
-        let record = Arc::new(record);
+    pub fn offer(&self, record: Arc<Record>) {
         for w in &self.workers {
             match w.queue.try_send(record.clone()) {
                 Ok(()) => {}
