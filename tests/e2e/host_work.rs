@@ -511,6 +511,57 @@ async fn telemetry_drops_and_counts_instead_of_blocking_requests() {
     assert_eq!(requests + dropped("access"), f64::from(total), "{all:?}");
 }
 
+/// Context switches of the gateway's thread named `name` (as `/proc` shows it, 15 bytes).
+fn thread_switches(pid: u32, name: &str) -> u64 {
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim_end() == name {
+            let status = std::fs::read_to_string(task.path().join("status")).unwrap();
+            return status
+                .lines()
+                .filter(|l| l.contains("ctxt_switches:"))
+                .filter_map(|l| l.split_whitespace().last()?.parse::<u64>().ok())
+                .sum();
+        }
+    }
+    panic!("no thread named {name} in process {pid}");
+}
+
+#[tokio::test]
+async fn an_idle_sink_thread_sleeps_until_records_arrive() {
+    let backend = Backend::start().await;
+    let logs = tempfile::tempdir().unwrap();
+    let log = logs.path().join("access.jsonl");
+    let extra = format!(
+        "[telemetry]\nflush_interval_ms = 50\nmetrics_interval_ms = 60000\n\n\
+         [[telemetry.sinks]]\nname = \"access\"\nprovider = \"access-log\"\nconfig = {{ path = \"{}\" }}\n",
+        log.display()
+    );
+    let gw = Gateway::start(GatewaySpec {
+        manifest: manifest(&extra),
+        api: crate::open_api(&backend.url(false)),
+        files: Vec::new(),
+        watch_ms: 100,
+    });
+    let c = client();
+    let r = c.get(gw.url("/svc/echo")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    wait_lines(&log, 1).await;
+    // Idle for 2 s: a thread ticking every 20 ms would switch 100 times or more; an idle one
+    // wakes only to look at the stop flag (every 100 ms).
+    let before = thread_switches(gw.pid(), "outpost-sink-ac");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let idle = thread_switches(gw.pid(), "outpost-sink-ac") - before;
+    assert!(idle <= 50, "{idle} context switches in 2 s of idling");
+    // The next record wakes it.
+    let r = c.get(gw.url("/svc/echo")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(wait_lines(&log, 2).await.len(), 2);
+}
+
 #[tokio::test]
 async fn caches_and_sinks_from_the_manifest_are_checked_and_listed() {
     let dir = tempfile::tempdir().unwrap();

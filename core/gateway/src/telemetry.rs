@@ -4,7 +4,9 @@
 //! rest of its queue and a flush, within a deadline.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError, TrySendError};
+use std::sync::mpsc::{
+    sync_channel, Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError,
+};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -251,6 +253,9 @@ impl Record {
     }
 }
 
+/// The longest an idle sink thread blocks on its queue before looking at the stop flag.
+const IDLE_WAIT: Duration = Duration::from_millis(100);
+
 struct Worker {
     name: String,
     queue: SyncSender<Arc<Record>>,
@@ -372,9 +377,10 @@ struct Run {
 }
 
 impl Run {
-    /// The sink's loop. It never blocks on the queue: it wakes on a short tick and takes what
-    /// has arrived, so a request's `try_send` never has to wake this thread (no context switch
-    /// per request).
+    /// The sink's loop. While records arrive it never blocks on the queue: it wakes on a short
+    /// tick and takes what has arrived, so a busy gateway's `try_send` never has to wake this
+    /// thread (no context switch per request). Idle, it blocks on the queue instead, so an idle
+    /// gateway's sink threads do not wake 50 times a second.
     fn run(self) {
         let mut batch: Vec<Arc<Record>> = Vec::with_capacity(self.batch_max);
         let mut batch_started = Instant::now();
@@ -382,10 +388,11 @@ impl Run {
         let tick = self.flush_every.min(Duration::from_millis(20));
         loop {
             let stopping = self.stop.load(Ordering::Relaxed);
-            let mut disconnected = false;
+            let (mut disconnected, mut received) = (false, false);
             loop {
                 match self.rx.try_recv() {
                     Ok(r) => {
+                        received = true;
                         if batch.is_empty() {
                             batch_started = Instant::now();
                         }
@@ -411,7 +418,27 @@ impl Run {
             if stopping || disconnected {
                 break;
             }
-            std::thread::sleep(tick);
+            if batch.is_empty() && !received {
+                // Idle: wait for the next record instead of ticking (its `try_send` wakes
+                // this thread, once per idle spell), up to the next metrics snapshot and
+                // never so long that a stop waits.
+                let wait = next_metrics
+                    .saturating_duration_since(Instant::now())
+                    .min(IDLE_WAIT);
+                match self.rx.recv_timeout(wait) {
+                    Ok(r) => {
+                        batch_started = Instant::now();
+                        batch.push(r);
+                        if batch.len() >= self.batch_max {
+                            self.export(&mut batch);
+                        }
+                    }
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => break,
+                }
+            } else {
+                std::thread::sleep(tick);
+            }
         }
         self.export(&mut batch);
         self.export_metrics();
