@@ -821,6 +821,26 @@ impl Encoder {
         CommonAt { tags, props }
     }
 
+    /// Opens an item that hangs from the request's span (its backend call, its failure),
+    /// with the operation tags the request item wrote.
+    fn open_child(
+        &self,
+        buf: &mut Vec<u8>,
+        t: Type,
+        r: &RequestRecord<'_>,
+        ids: &OperationIds<'_>,
+        sample_rate: f64,
+        common: Common<'_>,
+    ) {
+        self.open(
+            buf,
+            t,
+            r.time_unix_ms,
+            Some(sample_rate),
+            Some((Tags::Copy(common.tags), &ids.request)),
+        );
+    }
+
     fn write_dependency(
         &self,
         buf: &mut Vec<u8>,
@@ -829,13 +849,7 @@ impl Encoder {
         sample_rate: f64,
         common: Common<'_>,
     ) {
-        self.open(
-            buf,
-            Type::Dependency,
-            r.time_unix_ms,
-            Some(sample_rate),
-            Some((Tags::Copy(common.tags), &ids.request)),
-        );
+        self.open_child(buf, Type::Dependency, r, ids, sample_rate, common);
         let backend_url = r.backend_url.as_str();
         let path = split_url(backend_url).map_or("", |(_, _, p)| p);
         let path = path.split('?').next().unwrap_or_default();
@@ -880,13 +894,7 @@ impl Encoder {
         sample_rate: f64,
         common: Common<'_>,
     ) {
-        self.open(
-            buf,
-            Type::Exception,
-            r.time_unix_ms,
-            Some(sample_rate),
-            Some((Tags::Copy(common.tags), &ids.request)),
-        );
+        self.open_child(buf, Type::Exception, r, ids, sample_rate, common);
         let source = r.error_source.as_str();
         let reason = r.error_reason.as_str();
         // Failures are few: plain strings will do.
