@@ -3,6 +3,7 @@
 //! also hands sinks a snapshot of every metric on a schedule. At shutdown every sink gets the
 //! rest of its queue and a flush, within a deadline.
 
+use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{
     sync_channel, Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError,
@@ -315,6 +316,7 @@ impl Telemetry {
                 flush_every: Duration::from_millis(settings.flush_interval_ms),
                 metrics_every: Duration::from_millis(settings.metrics_interval_ms),
                 shutdown_flush: Duration::from_millis(settings.shutdown_flush_ms),
+                views: Cell::new(Vec::with_capacity(settings.batch_max)),
             };
             std::thread::Builder::new()
                 .name(format!("outpost-sink-{name}"))
@@ -374,6 +376,17 @@ struct Run {
     flush_every: Duration,
     metrics_every: Duration,
     shutdown_flush: Duration,
+    /// The views of the previous batch's records, kept for their allocation (a batch of
+    /// views is 200 KB).
+    views: Cell<Vec<RequestRecord<'static>>>,
+}
+
+/// `v` emptied, as a vector of another lifetime in the same allocation (collecting a
+/// vector's own iterator into items of the same size reuses it).
+#[allow(clippy::unnecessary_filter_map)] // `filter` could not change the items' lifetime
+fn recycle<'a>(mut v: Vec<RequestRecord<'_>>) -> Vec<RequestRecord<'a>> {
+    v.clear();
+    v.into_iter().filter_map(|_| None).collect()
 }
 
 impl Run {
@@ -451,12 +464,13 @@ impl Run {
         if batch.is_empty() {
             return;
         }
-        let views: Vec<RequestRecord<'_>> = batch.iter().map(|r| r.view()).collect();
+        let mut views = recycle(self.views.take());
+        views.extend(batch.iter().map(|r| r.view()));
         if let RResult::RErr(e) = self.sink.export(views.as_slice().into()) {
             TELEMETRY_EXPORT_ERRORS.inc(&[&self.name]);
             tracing::warn!(sink = %self.name, records = views.len(), error = %e.message, "Telemetry sink export failed.");
         }
-        drop(views);
+        self.views.set(recycle(views));
         batch.clear();
     }
 
@@ -494,6 +508,31 @@ impl Run {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn recycled_views_keep_their_allocation() {
+        let text = String::from("a");
+        let id = HeaderValue::from_static("r");
+        let listener: Arc<str> = "http".into();
+        let r = Record::begin(Arrival {
+            time_unix_ms: 1,
+            request_id: &id,
+            client_ip: &id,
+            host: None,
+            path: &text,
+            user_agent: None,
+            parent_span_id: None,
+            listener: &listener,
+            method: &Method::GET,
+            bytes_in: 0,
+        });
+        let mut views = Vec::with_capacity(512);
+        views.extend((0..300).map(|_| r.view()));
+        let (at, capacity) = (views.as_ptr() as usize, views.capacity());
+        let again: Vec<RequestRecord<'static>> = recycle(views);
+        assert!(again.is_empty());
+        assert_eq!((again.as_ptr() as usize, again.capacity()), (at, capacity));
+    }
 
     fn arrival<'a>(
         id: &'a HeaderValue,
