@@ -387,23 +387,10 @@ impl Transport {
         Ok(Transport { runtime, client })
     }
 
-    /// Sends one gzip body to `{endpoint}/v2.1/track` and waits for the answer, at most
-    /// `timeout`, or until `hurry` says to give up (checked every 25 ms).
-    pub fn send(
-        &self,
-        endpoint: &str,
-        gz: Vec<u8>,
-        timeout: Duration,
-        hurry: &dyn Fn() -> bool,
-    ) -> Answer {
-        self.send_all(endpoint, vec![gz], timeout, hurry)
-            .pop()
-            .unwrap_or_else(|| Answer::Failed("nothing sent".into()))
-    }
-
-    /// Sends several gzip bodies at once, each in its own request (on its own connection
-    /// while the others are in flight), and returns their answers in the same order. Each
-    /// has `timeout`; `hurry` gives up on those still waiting.
+    /// Sends gzip bodies to `{endpoint}/v2.1/track` at once, each in its own request (on its
+    /// own connection while the others are in flight), and returns their answers in the same
+    /// order. Each has `timeout`; `hurry` (checked every 25 ms) gives up on those still
+    /// waiting.
     pub fn send_all(
         &self,
         endpoint: &str,
