@@ -282,9 +282,15 @@ pub async fn handle(
             r.status = resp.status().as_u16();
             r.total_us = started.elapsed().as_micros() as u64;
             r.bytes_out = http_body::Body::size_hint(resp.body()).exact().unwrap_or(0);
-            r.api_id = ids.api.clone();
-            r.operation_id = ids.operation.clone();
-            r.subscription_id = ids.subscription.clone();
+            if let Some(id) = &ids.api {
+                r.set_api_id(id);
+            }
+            if let Some(id) = &ids.operation {
+                r.set_operation_id(id);
+            }
+            if let Some(id) = &ids.subscription {
+                r.set_subscription_id(id);
+            }
         }
         t.offer(record);
     }
@@ -437,7 +443,7 @@ async fn serve(
     };
     ids.operation = Some(op.id.clone());
     if let Some(r) = record.as_deref_mut() {
-        r.route = Some(op.route.clone());
+        r.set_route(&op.route);
     }
 
     // Subscription: header first, then query parameter, as APIM. Either way the key is
@@ -473,8 +479,10 @@ async fn serve(
     }
     let pipeline = op.pipeline(product.map(|(i, _)| *i));
     if let Some(r) = record.as_deref_mut() {
-        r.product_id = product.map(|(_, id)| id.clone());
-        r.backend_id = Some(api.backend.id.clone());
+        if let Some((_, id)) = product {
+            r.set_product_id(id);
+        }
+        r.set_backend_id(&api.backend.id);
     }
 
     // The backend request.
@@ -544,7 +552,7 @@ async fn serve(
                     ProxyError::PolicyFailed(format!("outpost.backend: no backend '{id}'"))
                 })?;
                 if let Some(r) = record.as_deref_mut() {
-                    r.backend_id = Some(backend.id.clone());
+                    r.set_backend_id(&backend.id);
                 }
             }
         }

@@ -58,22 +58,17 @@ pub struct Record {
     pub span_id: Option<[u8; 16]>,
     /// The client's span id (16 hex), when it sent one.
     pub parent_span_id: Option<[u8; 16]>,
-    /// Listener.
-    pub listener: Arc<str>,
+    // Ids from the configuration, copied too: counting references to strings every request
+    // shares would make all the gateway's threads write to the same memory.
+    listener: Span,
+    api_id: Span,
+    operation_id: Span,
+    route: Span,
+    product_id: Span,
+    subscription_id: Span,
+    backend_id: Span,
     /// Method.
     pub method: Method,
-    /// API id.
-    pub api_id: Option<Arc<str>>,
-    /// Operation id.
-    pub operation_id: Option<Arc<str>>,
-    /// Operation template.
-    pub route: Option<Arc<str>>,
-    /// Product id.
-    pub product_id: Option<Arc<str>>,
-    /// Subscription id.
-    pub subscription_id: Option<Arc<str>>,
-    /// Backend id.
-    pub backend_id: Option<Arc<str>>,
     /// Status to the client.
     pub status: u16,
     /// Backend status.
@@ -110,7 +105,7 @@ pub struct Arrival<'a> {
     /// The client's span id, when it sent one.
     pub parent_span_id: Option<[u8; 16]>,
     /// Listener.
-    pub listener: &'a Arc<str>,
+    pub listener: &'a str,
     /// Method.
     pub method: &'a Method,
     /// Request bytes (its declared length).
@@ -130,10 +125,6 @@ fn hex(h: &Option<impl AsRef<[u8]>>) -> RStr<'_> {
         .into()
 }
 
-fn s(o: &Option<Arc<str>>) -> RStr<'_> {
-    o.as_deref().unwrap_or_default().into()
-}
-
 impl Record {
     /// A record of a request that has just arrived.
     pub fn begin(a: Arrival<'_>) -> Record {
@@ -143,10 +134,11 @@ impl Record {
             a.host.unwrap_or_default(),
             a.path.as_bytes(),
             a.user_agent.map(HeaderValue::as_bytes).unwrap_or_default(),
+            a.listener.as_bytes(),
         ];
-        // Room for the backend URL too (scheme, authority and the path again), so that
-        // adding it does not move the text.
-        let room = parts.iter().map(|p| p.len()).sum::<usize>() + a.path.len() + 64;
+        // Room for the backend URL too (scheme, authority and the path again) and the ids
+        // the request matches, so that adding them seldom moves the text.
+        let room = parts.iter().map(|p| p.len()).sum::<usize>() + a.path.len() + 160;
         let mut r = Record {
             time_unix_ms: a.time_unix_ms,
             text: String::with_capacity(room),
@@ -161,14 +153,14 @@ impl Record {
             trace_id: None,
             span_id: None,
             parent_span_id: a.parent_span_id,
-            listener: a.listener.clone(),
+            listener: Span::default(),
+            api_id: Span::default(),
+            operation_id: Span::default(),
+            route: Span::default(),
+            product_id: Span::default(),
+            subscription_id: Span::default(),
+            backend_id: Span::default(),
             method: a.method.clone(),
-            api_id: None,
-            operation_id: None,
-            route: None,
-            product_id: None,
-            subscription_id: None,
-            backend_id: None,
             status: 0,
             backend_status: 0,
             total_us: 0,
@@ -178,8 +170,9 @@ impl Record {
             error_source: "",
             error_reason: "",
         };
-        let [id, ip, host, path, agent] = parts.map(|p| r.push(&[utf8(p)]));
+        let [id, ip, host, path, agent, listener] = parts.map(|p| r.push(&[utf8(p)]));
         (r.request_id, r.client_ip, r.host, r.path, r.user_agent) = (id, ip, host, path, agent);
+        r.listener = listener;
         r
     }
 
@@ -202,6 +195,36 @@ impl Record {
     /// The backend URL: scheme, authority and path.
     pub fn set_backend_url(&mut self, scheme: &str, authority: &str, path: &str) {
         self.backend_url = self.push(&[scheme, "://", authority, path]);
+    }
+
+    /// The API id.
+    pub fn set_api_id(&mut self, id: &str) {
+        self.api_id = self.push(&[id]);
+    }
+
+    /// The operation id.
+    pub fn set_operation_id(&mut self, id: &str) {
+        self.operation_id = self.push(&[id]);
+    }
+
+    /// The operation's template.
+    pub fn set_route(&mut self, route: &str) {
+        self.route = self.push(&[route]);
+    }
+
+    /// The product id.
+    pub fn set_product_id(&mut self, id: &str) {
+        self.product_id = self.push(&[id]);
+    }
+
+    /// The subscription id.
+    pub fn set_subscription_id(&mut self, id: &str) {
+        self.subscription_id = self.push(&[id]);
+    }
+
+    /// The backend id (the last one set counts).
+    pub fn set_backend_id(&mut self, id: &str) {
+        self.backend_id = self.push(&[id]);
     }
 
     /// The cache outcome.
@@ -227,17 +250,17 @@ impl Record {
             trace_id: hex(&self.trace_id),
             span_id: hex(&self.span_id),
             parent_span_id: hex(&self.parent_span_id),
-            listener: self.listener.as_ref().into(),
+            listener: self.get(self.listener).into(),
             client_ip: self.get(self.client_ip).into(),
             method: self.method.as_str().into(),
             host: self.get(self.host).into(),
             path: self.get(self.path).into(),
-            api_id: s(&self.api_id),
-            operation_id: s(&self.operation_id),
-            route: s(&self.route),
-            product_id: s(&self.product_id),
-            subscription_id: s(&self.subscription_id),
-            backend_id: s(&self.backend_id),
+            api_id: self.get(self.api_id).into(),
+            operation_id: self.get(self.operation_id).into(),
+            route: self.get(self.route).into(),
+            product_id: self.get(self.product_id).into(),
+            subscription_id: self.get(self.subscription_id).into(),
+            backend_id: self.get(self.backend_id).into(),
             backend_url: self.get(self.backend_url).into(),
             status: self.status,
             backend_status: self.backend_status,
@@ -513,7 +536,7 @@ mod tests {
     fn recycled_views_keep_their_allocation() {
         let text = String::from("a");
         let id = HeaderValue::from_static("r");
-        let listener: Arc<str> = "http".into();
+        let listener = "http";
         let r = Record::begin(Arrival {
             time_unix_ms: 1,
             request_id: &id,
@@ -522,7 +545,7 @@ mod tests {
             path: &text,
             user_agent: None,
             parent_span_id: None,
-            listener: &listener,
+            listener,
             method: &Method::GET,
             bytes_in: 0,
         });
@@ -538,7 +561,7 @@ mod tests {
         id: &'a HeaderValue,
         ip: &'a HeaderValue,
         agent: Option<&'a HeaderValue>,
-        listener: &'a Arc<str>,
+        listener: &'a str,
     ) -> Arrival<'a> {
         Arrival {
             time_unix_ms: 1_795_478_400_123,
@@ -561,14 +584,26 @@ mod tests {
             HeaderValue::from_static("10.1.2.3"),
         );
         let agent = HeaderValue::from_static("curl/8");
-        let listener: Arc<str> = "http".into();
-        let mut r = Record::begin(arrival(&id, &ip, Some(&agent), &listener));
+        let mut r = Record::begin(arrival(&id, &ip, Some(&agent), "http"));
         r.trace_id = Some(*b"4bf92f3577b34da6a3ce929d0e0e4736");
         // Strings added later land after the first ones and leave them as they were.
         r.set_backend_url("http", "backend.internal:81", "/v1/orders/42");
         r.set_cache("hit");
         r.set_error_message("backend said \"no\" — twice");
+        r.set_api_id("orders");
+        r.set_operation_id("get-order");
+        r.set_route("/orders/{id}");
+        r.set_product_id("gold");
+        r.set_subscription_id("sub-1");
+        r.set_backend_id("primary");
+        r.set_backend_id("fallback");
         let v = r.view();
+        assert_eq!(v.api_id.as_str(), "orders");
+        assert_eq!(v.operation_id.as_str(), "get-order");
+        assert_eq!(v.route.as_str(), "/orders/{id}");
+        assert_eq!(v.product_id.as_str(), "gold");
+        assert_eq!(v.subscription_id.as_str(), "sub-1");
+        assert_eq!(v.backend_id.as_str(), "fallback", "the last one set");
         assert_eq!(v.time_unix_ms, 1_795_478_400_123);
         assert_eq!(v.request_id.as_str(), "req-1");
         assert_eq!(v.client_ip.as_str(), "10.1.2.3");
@@ -602,8 +637,7 @@ mod tests {
         let id = HeaderValue::from_static("req-2");
         let ip = HeaderValue::from_static("10.1.2.3");
         let agent = HeaderValue::from_bytes(b"agent \xff\xfe").expect("obs-text is allowed");
-        let listener: Arc<str> = "http".into();
-        let r = Record::begin(arrival(&id, &ip, Some(&agent), &listener));
+        let r = Record::begin(arrival(&id, &ip, Some(&agent), "http"));
         let v = r.view();
         assert_eq!(v.user_agent.as_str(), "");
         assert_eq!(v.request_id.as_str(), "req-2");
