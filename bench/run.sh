@@ -101,7 +101,7 @@ EOF
   LAST_PID=$!
 }
 
-declare -A PORT PID RSS_MIB
+declare -A PORT PID RSS_MIB INGEST_PORT METRICS_PORT
 VARIANTS=() # proxies measured, in order; nginx first (the ratio baseline)
 
 mkdir -p "$TMP/www"
@@ -264,46 +264,65 @@ config = { path = \"/dev/null\" }"
     echo "bench: $ACCESS_LOG missing (cargo build --release -p outpost-sink-access-log); skipping the telemetry variant" >&2
   fi
   # The plain API with both telemetry sinks of issue 6: Application Insights and Prometheus
-  # (its own listener). The ingestion endpoint is an nginx on the load CPU that accepts every
-  # batch: it must keep up, or the sink drops what it cannot send and the variant measures
-  # less work than it should (the drop counters are checked after the runs).
+  # (its own listener); with OUTPOST_BIN_B, the same for build B when its sink libraries sit
+  # next to it. The ingestion endpoint is an nginx on the load CPU that accepts every batch
+  # (one server per variant): it must keep up, or the sink drops what it cannot send and the
+  # variant measures less work than it should (the drop counters are checked after the runs).
   APPINSIGHTS=${OUTPOST_APPINSIGHTS:-$(dirname "$OUTPOST_BIN")/liboutpost_sink_appinsights.so}
   PROMETHEUS=${OUTPOST_PROMETHEUS:-$(dirname "$OUTPOST_BIN")/liboutpost_sink_prometheus.so}
+  TELEMETRY=() # "name|binary|appinsights library|prometheus library"
   if [[ -f $APPINSIGHTS && -f $PROMETHEUS ]]; then
-    INGEST_PORT=$(free_port)
-    start_nginx "$TMP/ingest" "$LOAD_CPU" "
-  client_max_body_size 64m;
-  client_body_buffer_size 16m;
-  log_format ingest '\$content_length \$status';
+    TELEMETRY+=("outpost-telemetry|$OUTPOST_BIN|$APPINSIGHTS|$PROMETHEUS")
+  else
+    echo "bench: $APPINSIGHTS or $PROMETHEUS missing; skipping the two-sink variant" >&2
+  fi
+  if [[ -n ${OUTPOST_BIN_B:-} ]]; then
+    b_dir=$(dirname "$OUTPOST_BIN_B")
+    if [[ -f $b_dir/liboutpost_sink_appinsights.so && -f $b_dir/liboutpost_sink_prometheus.so ]]; then
+      TELEMETRY+=("outpost-b-telemetry|$OUTPOST_BIN_B|$b_dir/liboutpost_sink_appinsights.so|$b_dir/liboutpost_sink_prometheus.so")
+    fi
+  fi
+  if ((${#TELEMETRY[@]})); then
+    servers=""
+    for t in "${TELEMETRY[@]}"; do
+      name=${t%%|*}
+      INGEST_PORT[$name]=$(free_port)
+      servers+="
   server {
-    listen 127.0.0.1:$INGEST_PORT;
+    listen 127.0.0.1:${INGEST_PORT[$name]};
     location = /v2.1/track {
-      access_log $TMP/ingest/track.log ingest;
+      access_log $TMP/ingest/track-$name.log ingest;
       default_type application/json;
       return 200 '{\"itemsReceived\":0,\"itemsAccepted\":0,\"errors\":[]}';
     }
   }"
-    wait_http "http://127.0.0.1:$INGEST_PORT/v2.1/track" "$LAST_PID" "$TMP/ingest/error.log"
-    METRICS_PORT=$(free_port)
-    start_outpost outpost-telemetry "$TMP/api.json" "[[plugins]]
+    done
+    start_nginx "$TMP/ingest" "$LOAD_CPU" "
+  client_max_body_size 64m;
+  client_body_buffer_size 16m;
+  log_format ingest '\$content_length \$status';$servers"
+    for t in "${TELEMETRY[@]}"; do
+      IFS='|' read -r name bin ai prom <<<"$t"
+      wait_http "http://127.0.0.1:${INGEST_PORT[$name]}/v2.1/track" "$LAST_PID" "$TMP/ingest/error.log"
+      METRICS_PORT[$name]=$(free_port)
+      BIN=$bin start_outpost "$name" "$TMP/api.json" "[[plugins]]
 name = \"appinsights\"
-path = \"$APPINSIGHTS\"
+path = \"$ai\"
 
 [[plugins]]
 name = \"prometheus\"
-path = \"$PROMETHEUS\"
+path = \"$prom\"
 
 [[telemetry.sinks]]
 name = \"appinsights\"
 provider = \"appinsights\"
-config = { connection_string = \"InstrumentationKey=00000000-0000-0000-0000-000000000000;IngestionEndpoint=http://127.0.0.1:$INGEST_PORT/\", sampling_percentage = ${BENCH_AI_SAMPLING:-100} }
+config = { connection_string = \"InstrumentationKey=00000000-0000-0000-0000-000000000000;IngestionEndpoint=http://127.0.0.1:${INGEST_PORT[$name]}/\", sampling_percentage = ${BENCH_AI_SAMPLING:-100} }
 
 [[telemetry.sinks]]
 name = \"prometheus\"
 provider = \"prometheus\"
-config = { listen = \"127.0.0.1:$METRICS_PORT\" }"
-  else
-    echo "bench: $APPINSIGHTS or $PROMETHEUS missing; skipping the two-sink variant" >&2
+config = { listen = \"127.0.0.1:${METRICS_PORT[$name]}\" }"
+    done
   fi
 fi
 
@@ -411,21 +430,26 @@ for size in "${SIZES[@]}"; do
   done
 done
 
-if [[ -n ${INGEST_PORT:-} ]]; then
-  # What the two-sink variant delivered: the sink's own counters, as Prometheus shows them
+declare -A DELIVERY # per two-sink variant: what its sinks delivered, for the report
+if ((${#METRICS_PORT[@]})); then
+  # What the two-sink variants delivered: the sinks' own counters, as Prometheus shows them
   # once the next metrics snapshot (every 15 s) has been taken.
   sleep 16
-  METRICS=$(curl -fsS "http://127.0.0.1:$METRICS_PORT/metrics")
-  metric_sum() { awk -v m="$1" '$1 ~ "^"m"({|$)" { s += $NF } END { printf "%d", s }' <<<"$METRICS"; }
-  TELE_REQUESTS=$(metric_sum outpost_http_requests_total)
-  TELE_SENT=$(metric_sum appinsights_items_sent_total)
-  TELE_SAMPLED=$(awk '/^appinsights_items_dropped_total\{reason="sampling"\}/ { printf "%d", $NF }' <<<"$METRICS")
-  TELE_LOST=$(( $(metric_sum appinsights_items_dropped_total) - ${TELE_SAMPLED:-0} + $(metric_sum outpost_telemetry_dropped_total) ))
-  TELE_BYTES=$(awk '{ s += $1 } END { printf "%d", s }' "$TMP/ingest/track.log")
-  echo "bench: outpost-telemetry answered $TELE_REQUESTS requests; Application Insights accepted $TELE_SENT items in $TELE_BYTES body bytes, ${TELE_SAMPLED:-0} were sampled out, $TELE_LOST were lost (queue or buffer full, refused)" >&2
-  if (( TELE_LOST > 0 )); then
-    echo "bench: WARNING: the two-sink variant lost telemetry, so it measured less work than it should" >&2
-  fi
+  for name in "${!METRICS_PORT[@]}"; do
+    METRICS=$(curl -fsS "http://127.0.0.1:${METRICS_PORT[$name]}/metrics")
+    metric_sum() { awk -v m="$1" '$1 ~ "^"m"({|$)" { s += $NF } END { printf "%d", s }' <<<"$METRICS"; }
+    requests=$(metric_sum outpost_http_requests_total)
+    sent=$(metric_sum appinsights_items_sent_total)
+    sampled=$(awk '/^appinsights_items_dropped_total\{reason="sampling"\}/ { printf "%d", $NF }' <<<"$METRICS")
+    sampled=${sampled:-0}
+    lost=$(($(metric_sum appinsights_items_dropped_total) - sampled + $(metric_sum outpost_telemetry_dropped_total)))
+    bytes=$(awk '{ s += $1 } END { printf "%d", s }' "$TMP/ingest/track-$name.log")
+    DELIVERY[$name]="$requests requests, $sent items accepted by the ingestion endpoint ($bytes gzip body bytes), $sampled sampled out, $lost lost"
+    echo "bench: $name (Application Insights at ${BENCH_AI_SAMPLING:-100} % sampling, Prometheus): ${DELIVERY[$name]} (queue or buffer full, refused)" >&2
+    if ((lost > 0)); then
+      echo "bench: WARNING: $name lost telemetry, so it measured less work than it should" >&2
+    fi
+  done
 fi
 
 # --- report -----------------------------------------------------------------
@@ -460,9 +484,11 @@ report() {
   for name in "${VARIANTS[@]}"; do
     if [[ -n ${RSS_MIB[$name]:-} ]]; then echo "- $name idle RSS: ${RSS_MIB[$name]} MiB"; fi
   done
-  if [[ -n ${TELE_REQUESTS:-} ]]; then
-    echo "- outpost-telemetry (Application Insights at ${BENCH_AI_SAMPLING:-100} % sampling, Prometheus): $TELE_REQUESTS requests, $TELE_SENT items accepted by the ingestion endpoint ($TELE_BYTES gzip body bytes), ${TELE_SAMPLED:-0} sampled out, $TELE_LOST lost"
-  fi
+  for name in "${VARIANTS[@]}"; do
+    if [[ -n ${DELIVERY[$name]:-} ]]; then
+      echo "- $name (Application Insights at ${BENCH_AI_SAMPLING:-100} % sampling, Prometheus): ${DELIVERY[$name]}"
+    fi
+  done
   echo "- machine: $(nproc) CPUs, $(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo); $(uname -sr)"
   echo "- nginx: $(nginx -v 2>&1 | sed 's/^nginx version: //'); wrk: $(wrk -v 2>&1 | awk 'NR == 1 { print $2 }')"
   echo "- outpost: $([[ $ONLY_NGINX == 1 ]] && echo "not measured" || echo "$OUTPOST_BIN")"
