@@ -32,7 +32,7 @@ use crate::plugins::{
 };
 use crate::router::match_operation;
 use crate::snapshot::{ApiRoute, Snapshot};
-use crate::telemetry::{Record, Telemetry};
+use crate::telemetry::{Record, Telemetry, Text};
 use crate::tls::ClientCertificate;
 use crate::upstream::{BackendRoute, Target};
 use outpost_plugin_api::{phase, HostStatus};
@@ -243,7 +243,7 @@ pub async fn handle(
             if let Some(r) = record.as_mut().and_then(Arc::get_mut) {
                 r.error_source = e.source().as_str();
                 r.error_reason = e.code();
-                r.set_error_message(&e.to_string());
+                r.set(Text::ErrorMessage, &e.to_string());
             }
             match e.source() {
                 crate::error::ErrorSource::Backend => tracing::warn!(
@@ -283,13 +283,13 @@ pub async fn handle(
             r.total_us = started.elapsed().as_micros() as u64;
             r.bytes_out = http_body::Body::size_hint(resp.body()).exact().unwrap_or(0);
             if let Some(id) = &ids.api {
-                r.set_api_id(id);
+                r.set(Text::ApiId, id);
             }
             if let Some(id) = &ids.operation {
-                r.set_operation_id(id);
+                r.set(Text::OperationId, id);
             }
             if let Some(id) = &ids.subscription {
-                r.set_subscription_id(id);
+                r.set(Text::SubscriptionId, id);
             }
         }
         t.offer(record);
@@ -443,7 +443,7 @@ async fn serve(
     };
     ids.operation = Some(op.id.clone());
     if let Some(r) = record.as_deref_mut() {
-        r.set_route(&op.route);
+        r.set(Text::Route, &op.route);
     }
 
     // Subscription: header first, then query parameter, as APIM. Either way the key is
@@ -480,9 +480,9 @@ async fn serve(
     let pipeline = op.pipeline(product.map(|(i, _)| *i));
     if let Some(r) = record.as_deref_mut() {
         if let Some((_, id)) = product {
-            r.set_product_id(id);
+            r.set(Text::ProductId, id);
         }
-        r.set_backend_id(&api.backend.id);
+        r.set(Text::BackendId, &api.backend.id);
     }
 
     // The backend request.
@@ -525,7 +525,7 @@ async fn serve(
                 let run = run_section(shared, steps, p, Hook::Request, &mut msg, ctx, &mut source);
                 let answered = run.await;
                 if let (Some(r), Some(c)) = (record.as_deref_mut(), &ctx.cache_status) {
-                    r.set_cache(c);
+                    r.set(Text::Cache, c);
                 }
                 if let Some(resp) = answered? {
                     return Ok(resp);
@@ -552,7 +552,7 @@ async fn serve(
                     ProxyError::PolicyFailed(format!("outpost.backend: no backend '{id}'"))
                 })?;
                 if let Some(r) = record.as_deref_mut() {
-                    r.set_backend_id(&backend.id);
+                    r.set(Text::BackendId, &backend.id);
                 }
             }
         }
@@ -699,7 +699,7 @@ async fn serve(
                     }
                 }
                 if let (Some(r), Some(c)) = (record, &ctx.cache_status) {
-                    r.set_cache(c);
+                    r.set(Text::Cache, c);
                 }
                 if let Some(local) = answered? {
                     return Ok(local);

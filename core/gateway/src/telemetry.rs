@@ -33,40 +33,66 @@ pub fn unix_ms() -> u64 {
 #[derive(Debug, Clone, Copy, Default)]
 struct Span(u32, u32);
 
+/// The strings of a [`Record`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Text {
+    /// Request id.
+    RequestId,
+    /// Client IP.
+    ClientIp,
+    /// Host, as the client sent it.
+    Host,
+    /// Path.
+    Path,
+    /// User agent.
+    UserAgent,
+    /// Listener.
+    Listener,
+    /// Backend URL (scheme, authority and path).
+    BackendUrl,
+    /// API id.
+    ApiId,
+    /// Operation id.
+    OperationId,
+    /// Operation template.
+    Route,
+    /// Product id.
+    ProductId,
+    /// Subscription id.
+    SubscriptionId,
+    /// Backend id.
+    BackendId,
+    /// Cache outcome.
+    Cache,
+    /// Error message.
+    ErrorMessage,
+}
+
+impl Text {
+    const COUNT: usize = Text::ErrorMessage as usize + 1;
+}
+
 /// One request, owned until its sinks have exported it. Built on every request while a sink
-/// is configured: its strings from the request (ids, host, path, user agent, backend URL,
-/// error) are copied into one buffer as they become known, so a record is one allocation
-/// besides its shared ids, holds nothing of the connection's buffers, and its text is checked
-/// as UTF-8 once instead of by every sink.
+/// is configured: its strings (from the request, from the configuration it matched, the
+/// backend URL, the error) are copied into one buffer as they become known. A record is
+/// one allocation besides its text, holds nothing of the connection's buffers, counts no
+/// references to strings every request shares (which would have all the gateway's threads
+/// writing to the same memory), and its text is checked as UTF-8 once instead of by every
+/// sink.
 #[derive(Debug, Clone)]
 pub struct Record {
     /// Arrival, Unix milliseconds.
     pub time_unix_ms: u64,
     /// Every string of the record, one after the other.
     text: String,
-    request_id: Span,
-    client_ip: Span,
-    host: Span,
-    path: Span,
-    user_agent: Span,
-    backend_url: Span,
-    cache: Span,
-    error_message: Span,
+    /// Where each [`Text`] is in `text` (empty until set).
+    spans: [Span; Text::COUNT],
     /// Trace id (32 lowercase hex), once known.
     pub trace_id: Option<[u8; 32]>,
     /// Span id towards the backend (16 hex), once known.
     pub span_id: Option<[u8; 16]>,
     /// The client's span id (16 hex), when it sent one.
     pub parent_span_id: Option<[u8; 16]>,
-    // Ids from the configuration, copied too: counting references to strings every request
-    // shares would make all the gateway's threads write to the same memory.
-    listener: Span,
-    api_id: Span,
-    operation_id: Span,
-    route: Span,
-    product_id: Span,
-    subscription_id: Span,
-    backend_id: Span,
     /// Method.
     pub method: Method,
     /// Status to the client.
@@ -142,24 +168,10 @@ impl Record {
         let mut r = Record {
             time_unix_ms: a.time_unix_ms,
             text: String::with_capacity(room),
-            request_id: Span::default(),
-            client_ip: Span::default(),
-            host: Span::default(),
-            path: Span::default(),
-            user_agent: Span::default(),
-            backend_url: Span::default(),
-            cache: Span::default(),
-            error_message: Span::default(),
+            spans: [Span::default(); Text::COUNT],
             trace_id: None,
             span_id: None,
             parent_span_id: a.parent_span_id,
-            listener: Span::default(),
-            api_id: Span::default(),
-            operation_id: Span::default(),
-            route: Span::default(),
-            product_id: Span::default(),
-            subscription_id: Span::default(),
-            backend_id: Span::default(),
             method: a.method.clone(),
             status: 0,
             backend_status: 0,
@@ -170,109 +182,80 @@ impl Record {
             error_source: "",
             error_reason: "",
         };
-        let [id, ip, host, path, agent, listener] = parts.map(|p| r.push(&[utf8(p)]));
-        (r.request_id, r.client_ip, r.host, r.path, r.user_agent) = (id, ip, host, path, agent);
-        r.listener = listener;
+        let fields = [
+            Text::RequestId,
+            Text::ClientIp,
+            Text::Host,
+            Text::Path,
+            Text::UserAgent,
+            Text::Listener,
+        ];
+        for (field, part) in fields.into_iter().zip(parts) {
+            r.set(field, utf8(part));
+        }
         r
     }
 
-    /// Appends `parts` to the text, as one string.
-    fn push(&mut self, parts: &[&str]) -> Span {
+    /// Sets `field` to `parts` joined: appended to the text (a field set again shows its
+    /// last value).
+    fn set_joined(&mut self, field: Text, parts: &[&str]) {
         let start = self.text.len();
         for p in parts {
             self.text.push_str(p);
         }
-        Span(start as u32, (self.text.len() - start) as u32)
+        self.spans[field as usize] = Span(start as u32, (self.text.len() - start) as u32);
     }
 
-    fn get(&self, s: Span) -> &str {
-        let start = s.0 as usize;
-        self.text
-            .get(start..start + s.1 as usize)
-            .unwrap_or_default()
+    /// Sets `field` (a field set again shows its last value).
+    pub fn set(&mut self, field: Text, value: &str) {
+        self.set_joined(field, &[value]);
     }
 
     /// The backend URL: scheme, authority and path.
     pub fn set_backend_url(&mut self, scheme: &str, authority: &str, path: &str) {
-        self.backend_url = self.push(&[scheme, "://", authority, path]);
+        self.set_joined(Text::BackendUrl, &[scheme, "://", authority, path]);
     }
 
-    /// The API id.
-    pub fn set_api_id(&mut self, id: &str) {
-        self.api_id = self.push(&[id]);
-    }
-
-    /// The operation id.
-    pub fn set_operation_id(&mut self, id: &str) {
-        self.operation_id = self.push(&[id]);
-    }
-
-    /// The operation's template.
-    pub fn set_route(&mut self, route: &str) {
-        self.route = self.push(&[route]);
-    }
-
-    /// The product id.
-    pub fn set_product_id(&mut self, id: &str) {
-        self.product_id = self.push(&[id]);
-    }
-
-    /// The subscription id.
-    pub fn set_subscription_id(&mut self, id: &str) {
-        self.subscription_id = self.push(&[id]);
-    }
-
-    /// The backend id (the last one set counts).
-    pub fn set_backend_id(&mut self, id: &str) {
-        self.backend_id = self.push(&[id]);
-    }
-
-    /// The cache outcome.
-    pub fn set_cache(&mut self, outcome: &str) {
-        self.cache = self.push(&[outcome]);
-    }
-
-    /// The error message.
-    pub fn set_error_message(&mut self, message: &str) {
-        self.error_message = self.push(&[message]);
-    }
-
-    /// The path, as the record shows it.
-    pub fn path(&self) -> &str {
-        self.get(self.path)
+    /// A field's value (empty when it was never set).
+    pub fn get(&self, field: Text) -> &str {
+        let Span(start, len) = self.spans[field as usize];
+        let start = start as usize;
+        self.text
+            .get(start..start + len as usize)
+            .unwrap_or_default()
     }
 
     /// The ABI view sinks receive.
     pub fn view(&self) -> RequestRecord<'_> {
         RequestRecord {
             time_unix_ms: self.time_unix_ms,
-            request_id: self.get(self.request_id).into(),
+            request_id: self.get(Text::RequestId).into(),
             trace_id: hex(&self.trace_id),
             span_id: hex(&self.span_id),
             parent_span_id: hex(&self.parent_span_id),
-            listener: self.get(self.listener).into(),
-            client_ip: self.get(self.client_ip).into(),
+            listener: self.get(Text::Listener).into(),
+            client_ip: self.get(Text::ClientIp).into(),
             method: self.method.as_str().into(),
-            host: self.get(self.host).into(),
-            path: self.get(self.path).into(),
-            api_id: self.get(self.api_id).into(),
-            operation_id: self.get(self.operation_id).into(),
-            route: self.get(self.route).into(),
-            product_id: self.get(self.product_id).into(),
-            subscription_id: self.get(self.subscription_id).into(),
-            backend_id: self.get(self.backend_id).into(),
-            backend_url: self.get(self.backend_url).into(),
+            host: self.get(Text::Host).into(),
+            path: self.get(Text::Path).into(),
+            api_id: self.get(Text::ApiId).into(),
+            operation_id: self.get(Text::OperationId).into(),
+            route: self.get(Text::Route).into(),
+            product_id: self.get(Text::ProductId).into(),
+            subscription_id: self.get(Text::SubscriptionId).into(),
+            backend_id: self.get(Text::BackendId).into(),
+            backend_url: self.get(Text::BackendUrl).into(),
             status: self.status,
             backend_status: self.backend_status,
             total_us: self.total_us,
             backend_us: self.backend_us,
             bytes_in: self.bytes_in,
             bytes_out: self.bytes_out,
-            cache: self.get(self.cache).into(),
+            cache: self.get(Text::Cache).into(),
             error_source: self.error_source.into(),
             error_reason: self.error_reason.into(),
-            error_message: self.get(self.error_message).into(),
-            user_agent: self.get(self.user_agent).into(),
+            error_message: self.get(Text::ErrorMessage).into(),
+            user_agent: self.get(Text::UserAgent).into(),
         }
     }
 }
@@ -588,15 +571,15 @@ mod tests {
         r.trace_id = Some(*b"4bf92f3577b34da6a3ce929d0e0e4736");
         // Strings added later land after the first ones and leave them as they were.
         r.set_backend_url("http", "backend.internal:81", "/v1/orders/42");
-        r.set_cache("hit");
-        r.set_error_message("backend said \"no\" — twice");
-        r.set_api_id("orders");
-        r.set_operation_id("get-order");
-        r.set_route("/orders/{id}");
-        r.set_product_id("gold");
-        r.set_subscription_id("sub-1");
-        r.set_backend_id("primary");
-        r.set_backend_id("fallback");
+        r.set(Text::Cache, "hit");
+        r.set(Text::ErrorMessage, "backend said \"no\" — twice");
+        r.set(Text::ApiId, "orders");
+        r.set(Text::OperationId, "get-order");
+        r.set(Text::Route, "/orders/{id}");
+        r.set(Text::ProductId, "gold");
+        r.set(Text::SubscriptionId, "sub-1");
+        r.set(Text::BackendId, "primary");
+        r.set(Text::BackendId, "fallback");
         let v = r.view();
         assert_eq!(v.api_id.as_str(), "orders");
         assert_eq!(v.operation_id.as_str(), "get-order");
@@ -609,7 +592,7 @@ mod tests {
         assert_eq!(v.client_ip.as_str(), "10.1.2.3");
         assert_eq!(v.host.as_str(), "api.example:8080");
         assert_eq!(v.path.as_str(), "/orders/42");
-        assert_eq!(r.path(), "/orders/42");
+        assert_eq!(r.get(Text::Path), "/orders/42");
         assert_eq!(v.user_agent.as_str(), "curl/8");
         assert_eq!(v.method.as_str(), "POST");
         assert_eq!(v.listener.as_str(), "http");
