@@ -1,8 +1,8 @@
-//! The sending thread: takes items from the sink's bounded buffer, sends them in batches on
-//! its own schedule, resends what the endpoint asks to have resent (after `max(Retry-After,
+//! The sending thread: takes batches from the sink's bounded buffer, sends them on its own
+//! schedule, resends what the endpoint asks to have resent (after `max(Retry-After,
 //! backoff)`), spools batches to disk while the endpoint is unreachable and replays them,
-//! oldest first, once it answers again. The gateway's thread only builds items and appends
-//! them to the buffer; it never waits for the network.
+//! oldest first, once it answers again. The gateway's thread builds items and compresses them
+//! into the batch being built (see [`Queue`]); it never waits for the network.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -10,6 +10,7 @@ use std::sync::mpsc::SyncSender;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use outpost_plugin_sdk::{host, level, Metric};
 
 use crate::config::Settings;
@@ -145,18 +146,36 @@ struct Flush {
     done: SyncSender<()>,
 }
 
+/// Items ready to send: a gzip NDJSON body and how many items it holds.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    /// The gzip body.
+    pub body: Bytes,
+    /// Items in it.
+    pub items: usize,
+}
+
 #[derive(Default)]
 struct State {
-    pending: VecDeque<Vec<u8>>,
-    oldest: Option<Instant>,
+    /// Batches ready to send, oldest first.
+    pending: VecDeque<Batch>,
+    /// Items in `pending`.
+    pending_items: usize,
+    /// When the batch being built got its first item (`None` while it has none).
+    open_since: Option<Instant>,
     flush: Option<Flush>,
     flush_deadline: Option<Instant>,
     stop: bool,
 }
 
-/// The buffer between the gateway's thread and the sending thread.
+/// The buffer between the gateway's thread and the sending thread. Items are compressed as
+/// they arrive, on the gateway's thread, into the batch being built (while the thread that
+/// wrote them still has them in its cache); a batch is closed when it is full, or by the
+/// sending thread once its first item has waited `flush_interval`.
 pub struct Queue {
     state: Mutex<State>,
+    /// The batch being built. Lock order: `open`, then `state`.
+    open: Mutex<Gzip>,
     wake: Condvar,
     max_pending: usize,
     max_batch: usize,
@@ -167,6 +186,7 @@ impl Queue {
     pub fn new(max_pending: usize, max_batch: usize) -> Queue {
         Queue {
             state: Mutex::new(State::default()),
+            open: Mutex::new(Gzip::new()),
             wake: Condvar::new(),
             max_pending,
             max_batch,
@@ -177,24 +197,54 @@ impl Queue {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Appends items; when the buffer is full the oldest are dropped and counted.
+    fn lock_open(&self) -> MutexGuard<'_, Gzip> {
+        self.open.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Appends items; past `max_pending` items the oldest batches are dropped and counted.
     pub fn push(&self, items: Vec<Vec<u8>>, stats: &Stats) {
         if items.is_empty() {
             return;
         }
+        let mut open = self.lock_open();
+        let mut started = open.items() == 0;
+        let mut closed = Vec::new();
+        for item in &items {
+            open.push(item);
+            if open.items() >= self.max_batch {
+                let items = open.items();
+                closed.push(Batch {
+                    body: Bytes::from(open.finish()),
+                    items,
+                });
+                started = true;
+            }
+        }
+        drop(items);
+        let open_items = open.items();
         let mut s = self.lock();
-        let before = s.pending.len();
-        s.pending.extend(items);
-        let over = s.pending.len().saturating_sub(self.max_pending);
-        if over > 0 {
-            s.pending.drain(..over);
+        let (had_pending, had_open) = (!s.pending.is_empty(), s.open_since.is_some());
+        for b in closed {
+            s.pending_items += b.items;
+            s.pending.push_back(b);
         }
-        if before == 0 {
-            s.oldest = Some(Instant::now());
+        if open_items == 0 {
+            s.open_since = None;
+        } else if started {
+            s.open_since = Some(Instant::now());
         }
-        // The sending thread needs waking when its timer starts and when a batch fills up;
+        let mut over = 0;
+        while s.pending_items + open_items > self.max_pending {
+            let Some(b) = s.pending.pop_front() else {
+                break;
+            };
+            s.pending_items -= b.items;
+            over += b.items;
+        }
+        drop(open);
+        // The sending thread needs waking when a batch is ready and when its timer starts;
         // past that it comes back for more on its own (a wake is a system call).
-        let wake = before == 0 || (before < self.max_batch && s.pending.len() >= self.max_batch);
+        let wake = (!had_pending && !s.pending.is_empty()) || (!had_open && s.open_since.is_some());
         drop(s);
         if wake {
             self.wake.notify_all();
@@ -202,9 +252,26 @@ impl Queue {
         stats.dropped(Reason::BufferFull, over);
     }
 
+    /// Closes the batch being built, if it has items, and lines it up to be sent.
+    fn close_open(&self) {
+        let mut open = self.lock_open();
+        let items = open.items();
+        let batch = (items > 0).then(|| Batch {
+            body: Bytes::from(open.finish()),
+            items,
+        });
+        let mut s = self.lock();
+        if let Some(b) = batch {
+            s.pending_items += b.items;
+            s.pending.push_back(b);
+        }
+        s.open_since = None;
+    }
+
     /// Whether items are waiting.
     pub fn has_pending(&self) -> bool {
-        !self.lock().pending.is_empty()
+        let s = self.lock();
+        !s.pending.is_empty() || s.open_since.is_some()
     }
 
     /// Asks the sending thread to deliver everything by `deadline`; `done` is signalled after.
@@ -271,10 +338,11 @@ pub struct Sender {
     queue: Arc<Queue>,
     stats: Arc<Stats>,
     transport: Transport,
+    /// Compresses the items of a batch sent again in part.
     gzip: Gzip,
     spool: Option<Spool>,
     /// Batches to send again (no spool), oldest first: at most one per request of a round.
-    retry: VecDeque<Vec<Vec<u8>>>,
+    retry: VecDeque<Batch>,
     not_before: Instant,
     failures: u32,
     endpoint: String,
@@ -338,14 +406,16 @@ impl Sender {
     /// The thread's loop; returns when the queue is stopped.
     pub fn run(mut self) {
         let interval = self.settings.flush_interval;
-        let max_batch = self.settings.max_batch_items;
         let lanes = self.settings.max_concurrent_requests;
         let queue = self.queue.clone();
         loop {
             let mut q = queue.lock();
             if let Some(flush) = q.flush.take() {
+                drop(q);
+                queue.close_open();
+                let mut q = queue.lock();
                 let pending = std::mem::take(&mut q.pending);
-                q.oldest = None;
+                q.pending_items = 0;
                 drop(q);
                 self.flush(pending, flush.deadline);
                 queue.lock().flush_deadline = None;
@@ -357,13 +427,22 @@ impl Sender {
             }
             let now = Instant::now();
             let sendable = now >= self.not_before;
-            let ready = q.pending.len() >= max_batch
-                || q.oldest.is_some_and(|t| now.duration_since(t) >= interval);
+            if q.pending.is_empty()
+                && q.open_since
+                    .is_some_and(|t| now.duration_since(t) >= interval)
+            {
+                // The batch being built has waited long enough: close it.
+                drop(q);
+                queue.close_open();
+                continue;
+            }
+            let ready = !q.pending.is_empty();
             // What is spooled goes first; new batches line up behind it, on disk.
             if ready && self.spool.is_some() && (!sendable || self.spooled()) {
-                let batch = cut(&mut q, max_batch);
-                drop(q);
-                self.spool_push(batch);
+                if let Some(batch) = cut(&mut q) {
+                    drop(q);
+                    self.spool_push(batch);
+                }
                 continue;
             }
             if sendable {
@@ -381,17 +460,14 @@ impl Sender {
                     // One batch; more at once (up to the configured number of requests in
                     // flight) only while full ones are waiting: a backlog, or an endpoint
                     // far away.
-                    let mut batches = vec![cut(&mut q, max_batch)];
-                    while batches.len() < lanes && q.pending.len() >= max_batch {
-                        batches.push(cut(&mut q, max_batch));
-                    }
+                    let batches = std::iter::from_fn(|| cut(&mut q)).take(lanes).collect();
                     drop(q);
                     self.deliver_all(batches, Origin::Fresh, self.settings.timeout);
                     continue;
                 }
             }
             let mut wake: Option<Instant> = None;
-            if let Some(t) = q.oldest {
+            if let Some(t) = q.open_since {
                 if !ready {
                     wake = Some(t + interval);
                 }
@@ -420,21 +496,21 @@ impl Sender {
     }
 
     /// Sends a batch and acts on the answer.
-    fn deliver(&mut self, items: Vec<Vec<u8>>, from: Origin, timeout: Duration) {
-        self.deliver_all(vec![items], from, timeout);
+    fn deliver(&mut self, batch: Batch, from: Origin, timeout: Duration) {
+        self.deliver_all(vec![batch], from, timeout);
     }
 
     /// Sends batches at once (one request each) and acts on every answer, in order; the
     /// backoff moves once for the whole round.
-    fn deliver_all(&mut self, batches: Vec<Vec<Vec<u8>>>, from: Origin, timeout: Duration) {
+    fn deliver_all(&mut self, batches: Vec<Batch>, from: Origin, timeout: Duration) {
         let queue = self.queue.clone();
-        let bodies = batches.iter().map(|b| self.gzip.body(b)).collect();
+        let bodies = batches.iter().map(|b| b.body.clone()).collect();
         let answers = self
             .transport
             .send_all(&self.endpoint, bodies, timeout, &|| queue.hurry());
         let mut round = Round::default();
-        for (items, answer) in batches.into_iter().zip(&answers) {
-            self.settle(items, from, answer, &mut round);
+        for (batch, answer) in batches.into_iter().zip(&answers) {
+            self.settle(batch, from, answer, &mut round);
         }
         match round.failure {
             Some(failure) => {
@@ -477,14 +553,8 @@ impl Sender {
 
     /// Acts on one batch's answer: counts what was accepted and dropped, and keeps what is
     /// to be sent again (spooled, or in memory).
-    fn settle(
-        &mut self,
-        mut items: Vec<Vec<u8>>,
-        from: Origin,
-        answer: &Answer,
-        round: &mut Round,
-    ) {
-        let n = items.len();
+    fn settle(&mut self, batch: Batch, from: Origin, answer: &Answer, round: &mut Round) {
+        let n = batch.items;
         let verdict = transport::judge(answer, n);
         self.stats.sent(verdict.accepted);
         round.accepted |= verdict.accepted > 0;
@@ -506,16 +576,36 @@ impl Sender {
             return;
         }
 
-        let rest: Vec<Vec<u8>> = if verdict.resend.len() == n {
-            items
+        let rest = if verdict.resend.len() == n {
+            batch
         } else {
-            verdict
-                .resend
-                .iter()
-                .map(|&i| std::mem::take(&mut items[i]))
-                .collect()
+            // Some items to send again: the batch's own, taken from its body.
+            match transport::items(&batch.body) {
+                Ok(mut items) if items.len() == n => {
+                    let picked: Vec<Vec<u8>> = verdict
+                        .resend
+                        .iter()
+                        .map(|&i| std::mem::take(&mut items[i]))
+                        .collect();
+                    Batch {
+                        body: Bytes::from(self.gzip.body(&picked)),
+                        items: picked.len(),
+                    }
+                }
+                _ => {
+                    // Not what was built: cannot happen; resend the whole batch rather
+                    // than lose any of it.
+                    log(
+                        level::ERROR,
+                        format!(
+                            "A batch of {n} items no longer reads back; it is sent again whole."
+                        ),
+                    );
+                    batch
+                }
+            }
         };
-        self.stats.retried(rest.len());
+        self.stats.retried(rest.items);
         match (&verdict.redirect, self.redirects < 10) {
             (Some(to), true) => {
                 if !round.redirected {
@@ -541,15 +631,14 @@ impl Sender {
                     items: 0,
                 });
                 failure.asked = failure.asked.max(asked);
-                failure.items += rest.len();
+                failure.items += rest.items;
             }
         }
         match (from, self.spool.is_some()) {
             (Origin::Spool, _) => {
-                if rest.len() < n {
-                    let gz = self.gzip.body(&rest);
+                if rest.items < n {
                     if let Some(s) = self.spool.as_mut() {
-                        if let Err(e) = s.shrink_oldest(&gz, rest.len()) {
+                        if let Err(e) = s.shrink_oldest(&rest.body, rest.items) {
                             log(
                                 level::ERROR,
                                 format!("Cannot rewrite a spooled batch: {e}."),
@@ -572,9 +661,20 @@ impl Sender {
         let Some(entry) = spool.oldest().cloned() else {
             return;
         };
-        let read = spool.read(&entry).and_then(|gz| transport::items(&gz));
+        // Read back in full before it is sent, so that a corrupt file is dropped and counted
+        // here rather than refused by the endpoint.
+        let read = spool
+            .read(&entry)
+            .and_then(|gz| transport::items(&gz).map(|items| (gz, items.len())));
         match read {
-            Ok(items) if !items.is_empty() => self.deliver(items, Origin::Spool, timeout),
+            Ok((gz, items)) if items > 0 => self.deliver(
+                Batch {
+                    body: Bytes::from(gz),
+                    items,
+                },
+                Origin::Spool,
+                timeout,
+            ),
             Ok(_) => self.pop_spooled(),
             Err(e) => {
                 log(
@@ -600,13 +700,12 @@ impl Sender {
     }
 
     /// Writes a batch to the spool (dropping the oldest past the bound).
-    fn spool_push(&mut self, items: Vec<Vec<u8>>) {
+    fn spool_push(&mut self, batch: Batch) {
         let Some(spool) = self.spool.as_mut() else {
             return;
         };
-        let n = items.len();
-        let gz = self.gzip.body(&items);
-        match spool.push(&gz, n, host::now_unix_ms()) {
+        let n = batch.items;
+        match spool.push(&batch.body, n, host::now_unix_ms()) {
             Ok(dropped) => {
                 if dropped > 0 {
                     log(
@@ -629,8 +728,7 @@ impl Sender {
 
     /// Delivers what it can by the deadline, spooled batches first; what is left goes to the
     /// spool (or is dropped and counted without one) and is sent after the next start.
-    fn flush(&mut self, mut pending: VecDeque<Vec<u8>>, deadline: Instant) {
-        let max_batch = self.settings.max_batch_items;
+    fn flush(&mut self, mut pending: VecDeque<Batch>, deadline: Instant) {
         loop {
             let now = Instant::now();
             if now >= deadline || now < self.not_before {
@@ -651,44 +749,35 @@ impl Sender {
             if pending.is_empty() {
                 break;
             }
-            let mut batches = Vec::new();
-            while batches.len() < self.settings.max_concurrent_requests && !pending.is_empty() {
-                let n = pending.len().min(max_batch);
-                batches.push(pending.drain(..n).collect());
-            }
+            let n = pending.len().min(self.settings.max_concurrent_requests);
+            let batches = pending.drain(..n).collect();
             self.deliver_all(batches, Origin::Fresh, timeout);
         }
-        let mut left: Vec<Vec<u8>> = self.retry.drain(..).flatten().collect();
+        let mut left: Vec<Batch> = self.retry.drain(..).collect();
         left.extend(pending);
         if left.is_empty() {
             return;
         }
         if self.spool.is_some() {
-            while !left.is_empty() {
-                let n = left.len().min(max_batch);
-                let batch: Vec<Vec<u8>> = left.drain(..n).collect();
+            for batch in left {
                 self.spool_push(batch);
             }
         } else {
+            let n: usize = left.iter().map(|b| b.items).sum();
             log(
                 level::WARN,
                 format!(
-                    "{} Application Insights items were not delivered before shutdown and are dropped (no spool_dir).",
-                    left.len()
+                    "{n} Application Insights items were not delivered before shutdown and are dropped (no spool_dir)."
                 ),
             );
-            self.stats.dropped(Reason::Shutdown, left.len());
+            self.stats.dropped(Reason::Shutdown, n);
         }
     }
 }
 
-fn cut(state: &mut State, max: usize) -> Vec<Vec<u8>> {
-    let n = state.pending.len().min(max);
-    let batch: Vec<Vec<u8>> = state.pending.drain(..n).collect();
-    state.oldest = if state.pending.is_empty() {
-        None
-    } else {
-        Some(Instant::now())
-    };
-    batch
+/// The oldest batch ready to send.
+fn cut(state: &mut State) -> Option<Batch> {
+    let batch = state.pending.pop_front()?;
+    state.pending_items -= batch.items;
+    Some(batch)
 }

@@ -336,3 +336,35 @@ fn one_request_at_a_time_when_configured() {
     assert_eq!(fake.requests().len(), 3);
     assert_eq!(fake.max_in_flight(), 1);
 }
+
+#[test]
+fn past_max_pending_items_the_oldest_batches_are_dropped_and_counted() {
+    let fake = Ingestion::start();
+    fake.script([Reply::Slow(Duration::from_millis(1500))]);
+    let s = sink(
+        &fake,
+        json!({ "max_pending_items": 6, "max_concurrent_requests": 1 }),
+    );
+    // The first batch goes out and is held up by the endpoint.
+    export(&s, &spans(1, 3));
+    wait("the first batch in flight", || fake.max_in_flight() == 1);
+    // Meanwhile three more full batches (9 items) and then two items: past 6 waiting, the
+    // oldest waiting batches go, whole.
+    export(&s, &spans(4, 9));
+    assert_eq!(s.stats().dropped_total(Reason::BufferFull), 3);
+    export(&s, &spans(13, 2));
+    assert_eq!(s.stats().dropped_total(Reason::BufferFull), 6);
+    let accepted = fake.wait_until(WAIT, |a| a.len() >= 8);
+    let mut got = ids(&accepted);
+    got.sort();
+    let mut want = spans(1, 3);
+    want.extend(spans(10, 5));
+    assert_eq!(
+        got, want,
+        "the first batch, the newest full one and the partial one"
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(fake.accepted().len(), 8, "nothing else arrives");
+    assert_eq!(s.stats().sent_total(), 8);
+    assert!(fake.invalid().is_empty(), "{:?}", fake.invalid());
+}

@@ -247,14 +247,30 @@ pub fn body(items: &[Vec<u8>]) -> Vec<u8> {
 /// unknown.
 const GZIP_HEADER: [u8; 10] = [0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 4, 255];
 
-/// Gzip NDJSON bodies, keeping the deflate state (its window and tables: hundreds of KB) and
-/// the output buffer from one batch to the next.
+/// Gzip NDJSON bodies, built an item at a time (so that an item is compressed while it is
+/// still in the cache of the thread that wrote it), keeping the deflate state (its window and
+/// tables: hundreds of KB) and the output buffer from one body to the next.
 pub struct Gzip {
     deflate: Compress,
-    /// Where a batch is deflated; all of it initialised (its length is its capacity), so that
+    /// Where the body is deflated; all of it initialised (its length is its capacity), so that
     /// no backend zeroes it again.
     out: Vec<u8>,
+    /// How much of `out` the body has used.
+    written: usize,
+    /// Items gathered for the next call into the compressor.
+    staged: Vec<u8>,
+    /// Checksum of what has been deflated.
+    crc: Crc,
+    /// Items in the body.
+    items: usize,
+    /// Deflating failed (it does not, in memory); the body comes out empty.
+    failed: bool,
 }
+
+/// How many bytes of items are gathered before they are checksummed and deflated: each call
+/// into the checksum and the compressor has a cost of its own, which per item (and again per
+/// newline) came to more than copying the item (about 110 ns per request of 2.2 KB).
+const STAGE: usize = 32 * 1024;
 
 impl Default for Gzip {
     fn default() -> Self {
@@ -263,46 +279,75 @@ impl Default for Gzip {
 }
 
 impl Gzip {
-    /// A compressor at the fast level.
+    /// A compressor at the fast level, with no body begun.
     pub fn new() -> Gzip {
         Gzip {
             deflate: Compress::new(Compression::fast(), false),
             out: Vec::new(),
+            written: 0,
+            staged: Vec::with_capacity(STAGE),
+            crc: Crc::new(),
+            items: 0,
+            failed: false,
         }
     }
 
-    /// Gzip of the items as NDJSON (empty if deflating failed, which it does not in memory).
-    pub fn body(&mut self, items: &[Vec<u8>]) -> Vec<u8> {
-        let mut crc = Crc::new();
-        let Ok(len) = self.deflate_items(items, &mut crc) else {
-            return Vec::new();
+    /// Items in the body being built.
+    pub fn items(&self) -> usize {
+        self.items
+    }
+
+    /// Adds an item (one NDJSON line, without its newline) to the body being built.
+    pub fn push(&mut self, item: &[u8]) {
+        if self.staged.len() + item.len() + 1 > STAGE && !self.staged.is_empty() {
+            self.deflate_staged(FlushCompress::None);
+        }
+        self.staged.extend_from_slice(item);
+        self.staged.push(b'\n');
+        self.items += 1;
+    }
+
+    /// The body built so far as gzip bytes (empty if deflating failed, which it does not in
+    /// memory); the next item begins a new body.
+    pub fn finish(&mut self) -> Vec<u8> {
+        self.deflate_staged(FlushCompress::Finish);
+        let body = if self.failed {
+            Vec::new()
+        } else {
+            let mut body = Vec::with_capacity(GZIP_HEADER.len() + self.written + 8);
+            body.extend_from_slice(&GZIP_HEADER);
+            body.extend_from_slice(&self.out[..self.written]);
+            body.extend_from_slice(&self.crc.sum().to_le_bytes());
+            body.extend_from_slice(&self.crc.amount().to_le_bytes());
+            body
         };
-        let mut body = Vec::with_capacity(GZIP_HEADER.len() + len + 8);
-        body.extend_from_slice(&GZIP_HEADER);
-        body.extend_from_slice(&self.out[..len]);
-        body.extend_from_slice(&crc.sum().to_le_bytes());
-        body.extend_from_slice(&crc.amount().to_le_bytes());
+        self.deflate.reset();
+        self.crc = Crc::new();
+        self.written = 0;
+        self.items = 0;
+        self.failed = false;
         body
     }
 
-    /// Deflates the items, each followed by a newline, into `out`; returns the length.
-    fn deflate_items(
-        &mut self,
-        items: &[Vec<u8>],
-        crc: &mut Crc,
-    ) -> Result<usize, flate2::CompressError> {
-        self.deflate.reset();
-        let mut written = 0;
-        // Item by item rather than copied into one text first: as fast, and no batch-sized
-        // buffer to keep.
+    /// Gzip of the items as NDJSON (a body of its own: none may be in progress).
+    pub fn body(&mut self, items: &[Vec<u8>]) -> Vec<u8> {
         for item in items {
-            for part in [item.as_slice(), b"\n"] {
-                crc.update(part);
-                self.deflate_all(part, &mut written, FlushCompress::None)?;
-            }
+            self.push(item);
         }
-        self.deflate_all(&[], &mut written, FlushCompress::Finish)?;
-        Ok(written)
+        self.finish()
+    }
+
+    /// Checksums and deflates what is staged (with `Finish`, to the end of the stream).
+    fn deflate_staged(&mut self, flush: FlushCompress) {
+        let staged = std::mem::take(&mut self.staged);
+        self.crc.update(&staged);
+        let mut written = self.written;
+        if !self.failed && self.deflate_all(&staged, &mut written, flush).is_err() {
+            self.failed = true;
+        }
+        self.written = written;
+        self.staged = staged;
+        self.staged.clear();
     }
 
     /// Deflates all of `input` into `out` from `written` on, growing `out` as needed; with
@@ -394,7 +439,7 @@ impl Transport {
     pub fn send_all(
         &self,
         endpoint: &str,
-        bodies: Vec<Vec<u8>>,
+        bodies: Vec<Bytes>,
         timeout: Duration,
         hurry: &dyn Fn() -> bool,
     ) -> Vec<Answer> {
@@ -407,7 +452,7 @@ impl Transport {
                 .header(http::header::CONTENT_ENCODING, "gzip")
                 .header(http::header::ACCEPT, "application/json")
                 .header(http::header::USER_AGENT, crate::envelope::SDK_VERSION)
-                .body(Full::new(Bytes::from(gz)))
+                .body(Full::new(gz))
             {
                 Ok(request) => {
                     let client = self.client.clone();
