@@ -224,7 +224,7 @@ pub async fn handle(
     let mut record = shared
         .telemetry
         .as_ref()
-        .map(|_| Arc::new(begin_record(&conn, &req, &request_id)));
+        .map(|_| Arc::new(begin_record(&conn, &req, &request_id, started.into_std())));
 
     // The record is built where the sinks will read it and filled in place: it is not shared
     // before it is offered, so `get_mut` always has it.
@@ -314,7 +314,12 @@ pub async fn handle(
 }
 
 /// The parts of a request's telemetry record known when it arrives.
-fn begin_record(conn: &ConnInfo, req: &Request<Incoming>, request_id: &HeaderValue) -> Record {
+fn begin_record(
+    conn: &ConnInfo,
+    req: &Request<Incoming>,
+    request_id: &HeaderValue,
+    at: std::time::Instant,
+) -> Record {
     let h = req.headers();
     let parent_span_id = h
         .get(&headers::TRACEPARENT)
@@ -322,7 +327,7 @@ fn begin_record(conn: &ConnInfo, req: &Request<Incoming>, request_id: &HeaderVal
         .and_then(|s| <[u8; 16]>::try_from(s).ok())
         .filter(|s| s.iter().all(u8::is_ascii_hexdigit));
     Record::begin(crate::telemetry::Arrival {
-        time_unix_ms: crate::telemetry::unix_ms(),
+        at,
         request_id,
         client_ip: conn.forwarded.ip_value(),
         host: match req.uri().authority() {
