@@ -476,6 +476,14 @@ struct CommonAt {
     props: Range<usize>,
 }
 
+/// Where a sink writes the items of one request, kept from one request to the next.
+#[derive(Debug, Default)]
+pub struct Scratch {
+    request: Vec<u8>,
+    dependency: Vec<u8>,
+    exception: Vec<u8>,
+}
+
 /// Writes a sink's items as NDJSON lines, straight from the records; what is the same for
 /// every item is serialised once, in [`Encoder::new`].
 #[derive(Debug, Clone)]
@@ -598,9 +606,15 @@ impl Encoder {
         ]
     }
 
-    /// A buffer for an item of type `t` of `r`: room for its fixed part and the record's
-    /// strings it carries, with their keys.
-    fn buffer(&self, t: Type, r: &RequestRecord<'_>) -> Vec<u8> {
+    /// `buf` emptied, with room for an item of type `t` of `r`.
+    fn prepare(&self, buf: &mut Vec<u8>, t: Type, r: &RequestRecord<'_>) {
+        buf.clear();
+        buf.reserve(self.room(t, r));
+    }
+
+    /// The room an item of type `t` of `r` needs: its fixed part and the record's strings it
+    /// carries, with their keys.
+    fn room(&self, t: Type, r: &RequestRecord<'_>) -> usize {
         // The average key of an entry left out when empty, with its quotes, colon and comma.
         const KEY: usize = 20;
         let len = |s: &[RStr<'_>]| -> usize {
@@ -635,7 +649,7 @@ impl Encoder {
             }
         };
         let size = self.fixed_bytes[t as usize] + common + own;
-        Vec::with_capacity(size.min(MAX_ITEM_BYTES + 1))
+        size.min(MAX_ITEM_BYTES + 1)
     }
 
     /// `,"sampleRate":<rate>`, ready made for the configured percentage.
@@ -743,7 +757,8 @@ impl Encoder {
     }
 
     /// The items of one request: the request itself, its backend call and its failure (as
-    /// configured), each handed to `item` as an NDJSON line (without the newline).
+    /// configured), each handed to `item` as an NDJSON line (without the newline), written in
+    /// `scratch` (no allocation once its buffers have grown to the items' size).
     /// `sample_rate` is what the request item stands for (100 for failures, which are always
     /// sent). What the items share (operation tags, custom properties) is written once, in
     /// the request item, and copied into the others.
@@ -752,28 +767,38 @@ impl Encoder {
         r: &RequestRecord<'_>,
         ids: &OperationIds<'_>,
         sample_rate: f64,
-        mut item: impl FnMut(Vec<u8>),
+        scratch: &mut Scratch,
+        mut item: impl FnMut(&[u8]),
     ) {
-        let mut request = self.buffer(Type::Request, r);
-        let at = self.write_request(&mut request, r, ids, sample_rate);
+        let Scratch {
+            request,
+            dependency,
+            exception,
+        } = scratch;
+        self.prepare(request, Type::Request, r);
+        let at = self.write_request(request, r, ids, sample_rate);
         let common = Common {
             tags: &request[at.tags],
             props: &request[at.props],
         };
         let backend_failed = r.error_source.as_str() == "backend";
-        let dependency = (self.kinds.dependencies && (r.backend_status != 0 || backend_failed))
-            .then(|| {
-                let mut buf = self.buffer(Type::Dependency, r);
-                self.write_dependency(&mut buf, r, ids, sample_rate, common);
-                buf
-            });
-        let exception = (self.kinds.exceptions && !r.error_source.is_empty()).then(|| {
-            let mut buf = self.buffer(Type::Exception, r);
-            self.write_exception(&mut buf, r, ids, sample_rate, common);
-            buf
-        });
+        let with_dependency = self.kinds.dependencies && (r.backend_status != 0 || backend_failed);
+        if with_dependency {
+            self.prepare(dependency, Type::Dependency, r);
+            self.write_dependency(dependency, r, ids, sample_rate, common);
+        }
+        let with_exception = self.kinds.exceptions && !r.error_source.is_empty();
+        if with_exception {
+            self.prepare(exception, Type::Exception, r);
+            self.write_exception(exception, r, ids, sample_rate, common);
+        }
         item(request);
-        dependency.into_iter().chain(exception).for_each(item);
+        if with_dependency {
+            item(dependency);
+        }
+        if with_exception {
+            item(exception);
+        }
     }
 
     /// A request item; returns where it holds what the request's other items share.
@@ -983,8 +1008,9 @@ pub fn request_items(
     sample_rate: f64,
 ) -> Vec<Value> {
     let mut items = Vec::new();
-    Encoder::new(id, kinds, sample_rate).request_items(r, ids, sample_rate, |line| {
-        items.push(serde_json::from_slice(&line).expect("an item is JSON"))
+    let mut scratch = Scratch::default();
+    Encoder::new(id, kinds, sample_rate).request_items(r, ids, sample_rate, &mut scratch, |line| {
+        items.push(serde_json::from_slice(line).expect("an item is JSON"))
     });
     items
 }
@@ -1324,7 +1350,7 @@ mod tests {
         let encoder = Encoder::new(&identity(), ALL, 100.0);
         let ids = operation_ids(&r);
         let check = |t: Type, r: &RequestRecord<'_>, item: &[u8]| {
-            let room = encoder.buffer(t, r).capacity();
+            let room = encoder.room(t, r);
             assert!(
                 (item.len()..item.len() + item.len() / 5).contains(&room),
                 "{t:?}: {room} bytes for {}",
@@ -1332,7 +1358,8 @@ mod tests {
             );
         };
         let mut items = Vec::new();
-        encoder.request_items(&r, &ids, 100.0, |i| items.push(i));
+        let mut scratch = Scratch::default();
+        encoder.request_items(&r, &ids, 100.0, &mut scratch, |i| items.push(i.to_vec()));
         check(Type::Request, &r, &items[0]);
         check(Type::Dependency, &r, &items[1]);
         r.status = 502;
@@ -1340,7 +1367,7 @@ mod tests {
         r.error_reason = "backend_unavailable".into();
         r.error_message = "connection refused".into();
         items.clear();
-        encoder.request_items(&r, &ids, 100.0, |i| items.push(i));
+        encoder.request_items(&r, &ids, 100.0, &mut scratch, |i| items.push(i.to_vec()));
         check(Type::Exception, &r, &items[2]);
     }
 }

@@ -44,7 +44,7 @@ mod cost;
 mod tests;
 
 use config::{Config, Settings};
-use envelope::{Encoder, Identity, Kinds};
+use envelope::{Encoder, Identity, Kinds, Scratch};
 use sender::{Queue, Sender, Stats};
 use transport::Reason;
 
@@ -52,6 +52,8 @@ use transport::Reason;
 pub struct AppInsights {
     settings: Arc<Settings>,
     encoder: Encoder,
+    /// Where items are written (calls to `export` never overlap, so it is never waited for).
+    scratch: Mutex<Scratch>,
     queue: Arc<Queue>,
     stats: Arc<Stats>,
     thread: Mutex<Option<JoinHandle<()>>>,
@@ -146,6 +148,7 @@ impl Sink for AppInsights {
         };
         Ok(AppInsights {
             encoder: Encoder::new(&identity, kinds, settings.sampling_percentage),
+            scratch: Mutex::new(Scratch::default()),
             queue: Arc::new(Queue::new(
                 settings.max_pending_items,
                 settings.max_batch_items,
@@ -160,28 +163,33 @@ impl Sink for AppInsights {
     fn export(&self, batch: &[RequestRecord<'_>]) -> Result<(), Error> {
         self.start()?;
         let pct = self.settings.sampling_percentage;
-        let mut items = Vec::with_capacity(batch.len() * 2);
         let (mut sampled_out, mut too_large) = (0, 0);
-        for r in batch {
-            let ids = envelope::operation_ids(r);
-            let failure = envelope::is_failure(r);
-            if !failure && !envelope::sampled_in(&ids.operation, pct) {
-                sampled_out += 1 + usize::from(self.settings.dependencies && r.backend_status != 0);
-                continue;
-            }
-            // A failure is sent whatever the sampling, so it stands for itself only.
-            let rate = if failure { 100.0 } else { pct };
-            self.encoder.request_items(r, &ids, rate, |item| {
-                if item.len() <= envelope::MAX_ITEM_BYTES {
-                    items.push(item);
-                } else {
-                    too_large += 1;
+        let mut scratch = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        // Each item is compressed into the batch being built as soon as it is written, while
+        // it is still in this thread's cache.
+        self.queue.append(&self.stats, |items| {
+            for r in batch {
+                let ids = envelope::operation_ids(r);
+                let failure = envelope::is_failure(r);
+                if !failure && !envelope::sampled_in(&ids.operation, pct) {
+                    sampled_out +=
+                        1 + usize::from(self.settings.dependencies && r.backend_status != 0);
+                    continue;
                 }
-            });
-        }
+                // A failure is sent whatever the sampling, so it stands for itself only.
+                let rate = if failure { 100.0 } else { pct };
+                self.encoder
+                    .request_items(r, &ids, rate, &mut scratch, |item| {
+                        if item.len() <= envelope::MAX_ITEM_BYTES {
+                            items.item(item);
+                        } else {
+                            too_large += 1;
+                        }
+                    });
+            }
+        });
         self.stats.dropped(Reason::Sampling, sampled_out);
         self.stats.dropped(Reason::TooLarge, too_large);
-        self.queue.push(items, &self.stats);
         Ok(())
     }
 

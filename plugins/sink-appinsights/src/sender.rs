@@ -146,6 +146,31 @@ struct Flush {
     done: SyncSender<()>,
 }
 
+/// Adds items to the batch being built (see [`Queue::append`]).
+pub struct Appender<'a> {
+    open: &'a mut Gzip,
+    /// Batches filled meanwhile.
+    closed: Vec<Batch>,
+    /// Whether the batch being built now got its first item meanwhile.
+    started: bool,
+    max_batch: usize,
+}
+
+impl Appender<'_> {
+    /// Adds an item (one NDJSON line, without its newline).
+    pub fn item(&mut self, item: &[u8]) {
+        self.open.push(item);
+        if self.open.items() >= self.max_batch {
+            let items = self.open.items();
+            self.closed.push(Batch {
+                body: Bytes::from(self.open.finish()),
+                items,
+            });
+            self.started = true;
+        }
+    }
+}
+
 /// Items ready to send: a gzip NDJSON body and how many items it holds.
 #[derive(Debug, Clone)]
 pub struct Batch {
@@ -203,24 +228,25 @@ impl Queue {
 
     /// Appends items; past `max_pending` items the oldest batches are dropped and counted.
     pub fn push(&self, items: Vec<Vec<u8>>, stats: &Stats) {
-        if items.is_empty() {
-            return;
+        if !items.is_empty() {
+            self.append(stats, |batch| items.iter().for_each(|i| batch.item(i)));
         }
+    }
+
+    /// Appends the items `fill` hands to its [`Appender`], compressing each as it comes;
+    /// past `max_pending` items the oldest batches are dropped and counted.
+    pub fn append(&self, stats: &Stats, fill: impl FnOnce(&mut Appender<'_>)) {
         let mut open = self.lock_open();
-        let mut started = open.items() == 0;
-        let mut closed = Vec::new();
-        for item in &items {
-            open.push(item);
-            if open.items() >= self.max_batch {
-                let items = open.items();
-                closed.push(Batch {
-                    body: Bytes::from(open.finish()),
-                    items,
-                });
-                started = true;
-            }
-        }
-        drop(items);
+        let mut appender = Appender {
+            started: open.items() == 0,
+            open: &mut open,
+            closed: Vec::new(),
+            max_batch: self.max_batch,
+        };
+        fill(&mut appender);
+        let Appender {
+            started, closed, ..
+        } = appender;
         let open_items = open.items();
         let mut s = self.lock();
         let (had_pending, had_open) = (!s.pending.is_empty(), s.open_since.is_some());
