@@ -10,15 +10,15 @@
 //! ```
 //!
 //! The gateway's sink thread calls [`Sink::export`]: it turns each record into items
-//! ([`envelope`]) and appends them to a bounded buffer. A thread of the sink's own
-//! ([`sender`]) sends them in batches, resends what the endpoint asks to have resent and
+//! ([`envelope`]) and compresses them into the batch being filled, in a bounded buffer of
+//! batches ([`sender::Queue`]). A thread of the sink's own ([`sender`]) sends the batches, resends what the endpoint asks to have resent and
 //! spools batches to disk while the endpoint is unreachable ([`spool`]). See the README for
 //! every field, the item mapping, the metrics and the failure behaviour.
 
-// Every item is a buffer of its own, allocated on the gateway's sink thread and freed on the
-// sending thread: mimalloc (the allocator the gateway itself uses) instead of the system
-// allocator a cdylib would otherwise get took the sink's cost per request from about 25 µs
-// down (BENCHMARKS.md), when items were still `serde_json::Value` trees.
+// mimalloc, the allocator the gateway itself uses, rather than the system allocator a cdylib
+// would otherwise get: it took the sink's cost per request from about 25 µs down
+// (BENCHMARKS.md) when items were still `serde_json::Value` trees, each allocated on the
+// gateway's sink thread and freed on the sending thread. Batches still cross those threads.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

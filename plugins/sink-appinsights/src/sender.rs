@@ -207,7 +207,8 @@ pub struct Queue {
 }
 
 impl Queue {
-    /// A buffer holding at most `max_pending` items.
+    /// A buffer holding at most `max_pending` items in closed batches, besides the batch
+    /// being filled.
     pub fn new(max_pending: usize, max_batch: usize) -> Queue {
         Queue {
             state: Mutex::new(State::default()),
@@ -226,7 +227,8 @@ impl Queue {
         self.open.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Appends items; past `max_pending` items the oldest batches are dropped and counted.
+    /// Appends items; past `max_pending` items in closed batches the oldest batches are
+    /// dropped and counted.
     pub fn push(&self, items: Vec<Vec<u8>>, stats: &Stats) {
         if !items.is_empty() {
             self.append(stats, |batch| items.iter().for_each(|i| batch.item(i)));
@@ -234,7 +236,7 @@ impl Queue {
     }
 
     /// Appends the items `fill` hands to its [`Appender`], compressing each as it comes;
-    /// past `max_pending` items the oldest batches are dropped and counted.
+    /// past `max_pending` items in closed batches the oldest batches are dropped and counted.
     pub fn append(&self, stats: &Stats, fill: impl FnOnce(&mut Appender<'_>)) {
         let mut open = self.lock_open();
         let mut appender = Appender {
@@ -256,11 +258,14 @@ impl Queue {
         }
         if open_items == 0 {
             s.open_since = None;
-        } else if started {
+        } else if started || s.open_since.is_none() {
+            // (`None` with items: a previous `fill` panicked after adding some.)
             s.open_since = Some(Instant::now());
         }
+        // The bound is on closed batches: the one being filled (fewer than `max_batch`
+        // items) comes on top, so a bound of one batch still keeps a full batch waiting.
         let mut over = 0;
-        while s.pending_items + open_items > self.max_pending {
+        while s.pending_items > self.max_pending {
             let Some(b) = s.pending.pop_front() else {
                 break;
             };
