@@ -251,14 +251,19 @@ impl Record {
             .unwrap_or_default()
     }
 
-    /// Asks for the record's memory (the record and the start of its text) to be brought
-    /// into the cache ahead of reading it.
+    /// Asks for the record to be brought into the cache ahead of reading it.
     #[inline]
-    fn prefetch(&self) {
+    fn prefetch_record(&self) {
         let at = (self as *const Record).cast::<u8>();
         for line in (0..std::mem::size_of::<Record>()).step_by(64) {
             prefetch_line(at.wrapping_add(line));
         }
+    }
+
+    /// Asks for the start of the record's text to be brought into the cache ahead of reading
+    /// it (this reads the record, to know where the text is).
+    #[inline]
+    fn prefetch_text(&self) {
         let text = self.text.as_ptr();
         for line in (0..self.text.len().min(256)).step_by(64) {
             prefetch_line(text.wrapping_add(line));
@@ -300,7 +305,8 @@ impl Record {
     }
 }
 
-/// How many records ahead of the one being read a sink thread asks for.
+/// How many records ahead of the one being read a sink thread asks for its text (and twice
+/// as many for the record itself).
 const PREFETCH: usize = 4;
 
 /// Asks for the cache line at `p` (a hint: nothing is read, and no fault can follow).
@@ -531,12 +537,20 @@ impl Run {
         let clock = Clock::now();
         // Records were written by another thread a while ago and are seldom still in this
         // core's cache: asking for the next ones while this one is read overlaps the misses.
+        // A record's text is asked for later than the record itself, which says where the
+        // text is (by then it has arrived, and finding the text does not wait for it).
+        for r in batch.iter().take(2 * PREFETCH) {
+            r.prefetch_record();
+        }
         for r in batch.iter().take(PREFETCH) {
-            r.prefetch();
+            r.prefetch_text();
         }
         views.extend(batch.iter().enumerate().map(|(i, r)| {
+            if let Some(ahead) = batch.get(i + 2 * PREFETCH) {
+                ahead.prefetch_record();
+            }
             if let Some(ahead) = batch.get(i + PREFETCH) {
-                ahead.prefetch();
+                ahead.prefetch_text();
             }
             r.view(&clock)
         }));
