@@ -370,7 +370,9 @@ pub struct Sender {
     stats: Arc<Stats>,
     transport: Transport,
     /// Compresses the items of a batch sent again in part.
-    gzip: Gzip,
+    /// Made on the first partial resend: its state is hundreds of KB, and batches arrive
+    /// compressed.
+    gzip: Option<Gzip>,
     spool: Option<Spool>,
     /// Batches to send again (no spool), oldest first: at most one per request of a round.
     retry: VecDeque<Batch>,
@@ -421,7 +423,7 @@ impl Sender {
             queue,
             stats,
             transport,
-            gzip: Gzip::new(),
+            gzip: None,
             spool,
             retry: VecDeque::new(),
             not_before: Instant::now(),
@@ -619,7 +621,7 @@ impl Sender {
                         .map(|&i| std::mem::take(&mut items[i]))
                         .collect();
                     Batch {
-                        body: Bytes::from(self.gzip.body(&picked)),
+                        body: Bytes::from(self.gzip.get_or_insert_with(Gzip::new).body(&picked)),
                         items: picked.len(),
                     }
                 }
