@@ -261,7 +261,7 @@ name = \"access\"
 provider = \"access-log\"
 config = { path = \"/dev/null\" }"
   else
-    echo "bench: $ACCESS_LOG missing (cargo build --release -p outpost-sink-access-log); skipping the telemetry variant" >&2
+    echo "bench: $ACCESS_LOG missing (cargo build --release -p outpost-sink-access-log); skipping the access-log variant" >&2
   fi
   # The plain API with both telemetry sinks of issue 6: Application Insights and Prometheus
   # (its own listener); with OUTPOST_BIN_B, the same for build B when its sink libraries sit

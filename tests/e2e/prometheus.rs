@@ -627,3 +627,36 @@ fn check_reports_a_bad_listen_address_and_bad_emit_metric_configs() {
         assert!(err.contains(&at), "{at} not reported:\n{err}");
     }
 }
+
+#[test]
+fn a_taken_port_stops_the_gateway_from_starting_but_not_the_check() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let config = format!("{{ listen = \"{addr}\" }}");
+
+    // `outpost check` makes the sink without starting it: it passes beside whatever holds the
+    // port (a gateway already running with this manifest, say).
+    let dir = tempfile::tempdir().unwrap();
+    let m = write_check(dir.path(), &config, &emit_api(json!([])));
+    let (ok, out, err) = run_cli(&["check", "--manifest", m.to_str().unwrap()]);
+    assert!(ok, "the check binds nothing:\n{out}\n{err}");
+
+    // `outpost run` starts the sink before it serves, and refuses to start without it.
+    let spec = GatewaySpec {
+        manifest: manifest(&sink("prom", &config)),
+        api: emit_api(json!([])),
+        files: Vec::new(),
+        watch_ms: 0,
+    };
+    let Err((status, logs)) = Gateway::try_start(spec) else {
+        panic!("started with the sink's port taken");
+    };
+    assert!(status.is_some_and(|s| !s.success()));
+    let logs = logs.join("\n");
+    assert!(
+        logs.contains(&format!(
+            "telemetry.sinks[0] 'prom': cannot start: listen: cannot bind {addr}"
+        )),
+        "{logs}"
+    );
+}

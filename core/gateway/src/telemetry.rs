@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use abi_stable::std_types::{RResult, RStr, Tuple2};
 use http::{HeaderValue, Method};
 use outpost_config::Telemetry as Settings;
-use outpost_plugin_api::{MetricSample, RequestRecord, SinkBox};
+use outpost_plugin_api::{ErrorKind, MetricSample, PluginError, RequestRecord, SinkBox};
 
 use crate::metrics::{
     self,
@@ -371,6 +371,23 @@ impl Telemetry {
         if sinks.is_empty() {
             return Ok(None);
         }
+        // Each sink starts on its first call (`outpost check` creates sinks and calls nothing,
+        // so that it binds and sends nothing): the first metrics snapshot, here, so that a sink
+        // that cannot start (a listen port taken) stops the gateway from starting.
+        for (i, (name, sink)) in sinks.iter().enumerate() {
+            if let RResult::RErr(e) = export_snapshot(sink) {
+                let why = match e.kind {
+                    ErrorKind::PANICKED => "panicked".to_string(),
+                    _ => e.message.into_string(),
+                };
+                problems.push(format!(
+                    "telemetry.sinks[{i}] '{name}': cannot start: {why}"
+                ));
+            }
+        }
+        if !problems.is_empty() {
+            return Err(problems);
+        }
         let stop = Arc::new(AtomicBool::new(false));
         let mut workers = Vec::new();
         for (name, sink) in sinks {
@@ -563,34 +580,39 @@ impl Run {
     }
 
     fn export_metrics(&self) {
-        let samples = metrics::global().snapshot();
-        let labels: Vec<Vec<Tuple2<RStr<'_>, RStr<'_>>>> = samples
-            .iter()
-            .map(|s| {
-                s.def
-                    .labels
-                    .iter()
-                    .zip(s.label_values.iter())
-                    .map(|(n, v)| Tuple2(n.as_str().into(), v.as_str().into()))
-                    .collect()
-            })
-            .collect();
-        let views: Vec<MetricSample<'_>> = samples
-            .iter()
-            .zip(labels.iter())
-            .map(|(s, l)| MetricSample {
-                name: s.def.name.as_str().into(),
-                help: s.def.help.as_str().into(),
-                kind: s.def.kind,
-                labels: l.as_slice().into(),
-                value: s.value,
-            })
-            .collect();
-        if let RResult::RErr(e) = self.sink.export_metrics(views.as_slice().into()) {
+        if let RResult::RErr(e) = export_snapshot(&self.sink) {
             TELEMETRY_EXPORT_ERRORS.inc(&[&self.name]);
             tracing::warn!(sink = %self.name, error = %e.message, "Telemetry sink metrics export failed.");
         }
     }
+}
+
+/// Hands a sink a snapshot of every metric.
+fn export_snapshot(sink: &SinkBox) -> RResult<(), PluginError> {
+    let samples = metrics::global().snapshot();
+    let labels: Vec<Vec<Tuple2<RStr<'_>, RStr<'_>>>> = samples
+        .iter()
+        .map(|s| {
+            s.def
+                .labels
+                .iter()
+                .zip(s.label_values.iter())
+                .map(|(n, v)| Tuple2(n.as_str().into(), v.as_str().into()))
+                .collect()
+        })
+        .collect();
+    let views: Vec<MetricSample<'_>> = samples
+        .iter()
+        .zip(labels.iter())
+        .map(|(s, l)| MetricSample {
+            name: s.def.name.as_str().into(),
+            help: s.def.help.as_str().into(),
+            kind: s.def.kind,
+            labels: l.as_slice().into(),
+            value: s.value,
+        })
+        .collect();
+    sink.export_metrics(views.as_slice().into())
 }
 
 #[cfg(test)]

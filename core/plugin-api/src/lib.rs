@@ -449,7 +449,9 @@ pub struct MetricSample<'a> {
 pub trait TelemetrySink: Send + Sync {
     /// A batch of request records, in the order their responses started.
     fn export(&self, batch: RSlice<'_, RequestRecord<'_>>) -> RResult<(), PluginError>;
-    /// The current value of every metric series (host metrics and plugin metrics).
+    /// The current value of every metric series (host metrics and plugin metrics). The first
+    /// call, as the gateway starts and before any `export`, starts the sink: an error then
+    /// stops the gateway from starting (`outpost check` creates sinks and calls nothing).
     fn export_metrics(&self, batch: RSlice<'_, MetricSample<'_>>) -> RResult<(), PluginError>;
     /// Deliver what is buffered; return within `deadline_ms` (called at shutdown).
     #[sabi(last_prefix_field)]

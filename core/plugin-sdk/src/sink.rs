@@ -14,12 +14,17 @@ pub trait Sink: Send + Sync + Sized + 'static {
     type Config: serde::de::DeserializeOwned;
 
     /// Builds the sink; an error stops the gateway from starting (or `outpost check` reports it).
+    /// `outpost check` calls this too, and nothing else: validate here, and leave what has
+    /// effects outside the process (binding a port, connecting, starting a thread) to the
+    /// first call, [`Sink::export_metrics`] as the gateway starts.
     fn new(config: Self::Config) -> Result<Self, String>;
 
     /// A batch of request records, in the order their responses started.
     fn export(&self, batch: &[RequestRecord<'_>]) -> Result<(), Error>;
 
-    /// The current value of every metric series.
+    /// The current value of every metric series: as the gateway starts (the sink's first
+    /// call, before any [`Sink::export`]; an error then stops the gateway from starting), every
+    /// `metrics_interval_ms`, and at shutdown.
     fn export_metrics(&self, batch: &[MetricSample<'_>]) -> Result<(), Error> {
         let _ = batch;
         Ok(())

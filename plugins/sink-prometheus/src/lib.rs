@@ -22,7 +22,7 @@
 
 use std::io::Write;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use outpost_plugin_sdk::{export_plugin, host, level, Error, MetricSample, RequestRecord, Sink};
@@ -99,15 +99,52 @@ impl Render for Exposition {
 }
 
 /// The sink: the metrics and the listener serving them (stopped when the sink is dropped).
+/// The listener is bound when the gateway starts the sink (its first call), not when the sink
+/// is created: `outpost check` creates sinks too, and must not take the port of a gateway
+/// running beside it.
 pub struct Prometheus {
+    settings: Settings,
     exposition: Arc<Exposition>,
-    server: Server,
+    server: OnceLock<Server>,
+    /// Held while the listener is being started.
+    starting: Mutex<()>,
 }
 
 impl Prometheus {
-    /// The address the listener is bound to.
-    pub fn addr(&self) -> std::net::SocketAddr {
-        self.server.addr()
+    /// The address the listener is bound to, once it is.
+    pub fn addr(&self) -> Option<std::net::SocketAddr> {
+        self.server.get().map(Server::addr)
+    }
+
+    /// Binds the listener and starts serving, on the first call.
+    fn start(&self) -> Result<(), Error> {
+        if self.server.get().is_some() {
+            return Ok(());
+        }
+        let _one = self.starting.lock().unwrap_or_else(|e| e.into_inner());
+        if self.server.get().is_some() {
+            return Ok(());
+        }
+        let s = &self.settings;
+        let listener = std::net::TcpListener::bind(s.listen)
+            .map_err(|e| Error::unavailable(format!("listen: cannot bind {}: {e}", s.listen)))?;
+        let server = Server::start(listener, s.path.clone(), self.exposition.clone())
+            .map_err(|e| Error::unavailable(format!("cannot start the listener: {e}")))?;
+        let addr = server.addr();
+        if let Some(f) = &s.address_file {
+            write_address(f, addr).map_err(|e| {
+                Error::unavailable(format!("address_file: cannot write {}: {e}", f.display()))
+            })?;
+        }
+        host::log(
+            level::INFO,
+            &format!(
+                "Prometheus sink serving http://{addr}{} (text format 0.0.4).",
+                s.path
+            ),
+        );
+        let _ = self.server.set(server);
+        Ok(())
     }
 }
 
@@ -125,35 +162,26 @@ impl Sink for Prometheus {
     type Config = Config;
 
     fn new(c: Config) -> Result<Self, String> {
-        let s = c.validate()?;
-        let exposition = Arc::new(Exposition::new(&s)?);
-        let listener = std::net::TcpListener::bind(s.listen)
-            .map_err(|e| format!("listen: cannot bind {}: {e}", s.listen))?;
-        let server = Server::start(listener, s.path.clone(), exposition.clone())
-            .map_err(|e| format!("cannot start the listener: {e}"))?;
-        let addr = server.addr();
-        host::log(
-            level::INFO,
-            &format!(
-                "Prometheus sink serving http://{addr}{} (text format 0.0.4).",
-                s.path
-            ),
-        );
-        if let Some(f) = &s.address_file {
-            write_address(f, addr)
-                .map_err(|e| format!("address_file: cannot write {}: {e}", f.display()))?;
-        }
-        Ok(Self { exposition, server })
+        let settings = c.validate()?;
+        let exposition = Arc::new(Exposition::new(&settings)?);
+        Ok(Self {
+            settings,
+            exposition,
+            server: OnceLock::new(),
+            starting: Mutex::new(()),
+        })
     }
 
     fn export(&self, batch: &[RequestRecord<'_>]) -> Result<(), Error> {
+        // Counted even when the listener cannot start: a later call tries again, and a
+        // scrape then shows every request.
         self.exposition.records(batch);
-        Ok(())
+        self.start()
     }
 
     fn export_metrics(&self, batch: &[MetricSample<'_>]) -> Result<(), Error> {
         self.exposition.snapshot(batch);
-        Ok(())
+        self.start()
     }
 
     fn flush(&self, _deadline: Duration) -> Result<(), Error> {

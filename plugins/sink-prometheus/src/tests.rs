@@ -428,7 +428,12 @@ fn serves_get_and_head_on_its_path_with_the_exact_content_type_and_404_elsewhere
         r#"{{"listen": "127.0.0.1:0", "address_file": "{}", "path": "/prom"}}"#,
         file.display()
     );
-    let s = sink::<Prometheus>(&config).expect("starts");
+    let s = sink::<Prometheus>(&config).expect("made");
+    // Made, the sink has bound nothing (as when `outpost check` makes it); its first call
+    // starts it.
+    assert!(!file.exists(), "no address before the first call");
+    let none: [MetricSample<'_>; 0] = [];
+    assert!(s.export_metrics(none.as_slice().into()).is_ok());
     let addr: SocketAddr = std::fs::read_to_string(&file)
         .expect("the address is written")
         .trim()
@@ -481,14 +486,26 @@ fn serves_get_and_head_on_its_path_with_the_exact_content_type_and_404_elsewhere
 fn a_port_in_use_is_reported() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap();
-    let e = sink::<Prometheus>(&format!(r#"{{"listen": "{addr}"}}"#))
-        .err()
-        .expect("refused");
-    assert!(
-        e.message.contains(&format!("listen: cannot bind {addr}")),
-        "{}",
-        e.message
-    );
+    // Making the sink binds nothing: it succeeds, as `outpost check` does beside a running
+    // gateway.
+    let s = sink::<Prometheus>(&format!(r#"{{"listen": "{addr}"}}"#)).expect("made");
+    // Starting it (its first call) fails, and says why; so does every call until it starts.
+    let none: [MetricSample<'_>; 0] = [];
+    for _ in 0..2 {
+        let e = s
+            .export_metrics(none.as_slice().into())
+            .into_result()
+            .expect_err("cannot start");
+        assert!(
+            e.message.contains(&format!("listen: cannot bind {addr}")),
+            "{}",
+            e.message
+        );
+    }
+    // Once the port is free, the next call starts it.
+    drop(taken);
+    assert!(s.export_metrics(none.as_slice().into()).is_ok());
+    assert!(TcpStream::connect(addr).is_ok(), "it listens now");
 }
 
 #[test]
