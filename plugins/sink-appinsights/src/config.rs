@@ -22,6 +22,10 @@ pub struct Config {
     /// Percentage of requests sent (0 to 100); failed requests are always sent.
     #[serde(default = "default_sampling")]
     pub sampling_percentage: f64,
+    /// The most items a second the sink sends: past it, the sampling percentage is lowered
+    /// (never raised above `sampling_percentage`). None: no cap.
+    #[serde(default)]
+    pub max_items_per_second: Option<f64>,
     /// Most items per ingestion request (1 to 64000).
     #[serde(default = "default_max_batch_items")]
     pub max_batch_items: usize,
@@ -103,6 +107,8 @@ pub struct Settings {
     pub connection: ConnectionString,
     /// Sampling percentage, 0 to 100.
     pub sampling_percentage: f64,
+    /// Items a second at most, kept by lowering the sampling percentage.
+    pub max_items_per_second: Option<f64>,
     /// Items per request.
     pub max_batch_items: usize,
     /// Requests in flight at most.
@@ -147,6 +153,13 @@ impl Config {
                 "sampling_percentage must be between 0 and 100 (got {})",
                 self.sampling_percentage
             ));
+        }
+        if let Some(m) = self.max_items_per_second {
+            if !(m.is_finite() && m > 0.0) {
+                problems.push(format!(
+                    "max_items_per_second must be a positive number (got {m}); leave it out for no cap"
+                ));
+            }
         }
         if self.max_batch_items == 0 || self.max_batch_items > MAX_BATCH_ITEMS_LIMIT {
             problems.push(format!(
@@ -196,6 +209,7 @@ impl Config {
             (Some(connection), true) => Ok(Settings {
                 connection,
                 sampling_percentage: self.sampling_percentage,
+                max_items_per_second: self.max_items_per_second,
                 max_batch_items: self.max_batch_items,
                 max_concurrent_requests: self.max_concurrent_requests,
                 flush_interval: Duration::from_millis(self.flush_interval_ms),
@@ -238,13 +252,15 @@ mod tests {
         assert_eq!(s.flush_interval, Duration::from_secs(1));
         assert!(s.spool_dir.is_none());
         assert!(s.dependencies && s.exceptions && s.metrics);
+        assert_eq!(s.max_items_per_second, None);
     }
 
     #[test]
     fn every_problem_is_reported_with_its_field() {
         let err = config(
             r#"{"connection_string": "InstrumentationKey=nope", "sampling_percentage": 101,
-                "max_batch_items": 64001, "max_concurrent_requests": 0, "timeout_ms": 0, "spool_dir": "", "region": " "}"#,
+                "max_batch_items": 64001, "max_concurrent_requests": 0, "timeout_ms": 0, "spool_dir": "", "region": " ",
+                "max_items_per_second": 0}"#,
         )
         .unwrap_err();
         for field in [
@@ -255,6 +271,7 @@ mod tests {
             "timeout_ms must be positive",
             "spool_dir must name a directory",
             "region must not be empty",
+            "max_items_per_second must be a positive number (got 0)",
         ] {
             assert!(err.contains(field), "{field}: {err}");
         }

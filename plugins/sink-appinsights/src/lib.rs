@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 
 use outpost_plugin_sdk::{export_plugin, host, Error, MetricSample, RequestRecord, Sink};
 
+pub mod adaptive;
 pub mod config;
 pub mod connection_string;
 pub mod envelope;
@@ -43,6 +44,7 @@ mod cost;
 #[cfg(test)]
 mod tests;
 
+use adaptive::Adaptive;
 use config::{Config, Settings};
 use envelope::{Encoder, Identity, Kinds, Scratch};
 use sender::{Queue, Sender, Stats};
@@ -58,6 +60,8 @@ pub struct AppInsights {
     stats: Arc<Stats>,
     thread: Mutex<Option<JoinHandle<()>>>,
     counters: Mutex<HashMap<String, f64>>,
+    /// The cap on items a second, when configured.
+    adaptive: Option<Mutex<Adaptive>>,
 }
 
 /// Creates the spool directory and checks that files can be written in it.
@@ -106,6 +110,28 @@ impl AppInsights {
         Ok(())
     }
 
+    /// Replaces the cap's window (tests: the real one is seconds long).
+    #[cfg(test)]
+    pub(crate) fn set_adaptive_window(&mut self, window: Duration) {
+        if let Some(m) = self.settings.max_items_per_second {
+            let pct = self.settings.sampling_percentage;
+            self.adaptive = Some(Mutex::new(Adaptive::with_window(
+                m,
+                pct,
+                window,
+                Instant::now(),
+            )));
+        }
+    }
+
+    /// The sampling percentage in effect.
+    pub fn sampling_percentage(&self) -> f64 {
+        match &self.adaptive {
+            Some(a) => a.lock().unwrap_or_else(|e| e.into_inner()).percentage(),
+            None => self.settings.sampling_percentage,
+        }
+    }
+
     fn started(&self) -> bool {
         self.thread
             .lock()
@@ -146,6 +172,15 @@ impl Sink for AppInsights {
             dependencies: settings.dependencies,
             exceptions: settings.exceptions,
         };
+        let stats = Arc::new(Stats::new());
+        stats.sampling_percentage(settings.sampling_percentage);
+        let adaptive = settings.max_items_per_second.map(|m| {
+            Mutex::new(Adaptive::new(
+                m,
+                settings.sampling_percentage,
+                Instant::now(),
+            ))
+        });
         Ok(AppInsights {
             encoder: Encoder::new(&identity, kinds, settings.sampling_percentage),
             scratch: Mutex::new(Scratch::default()),
@@ -153,17 +188,20 @@ impl Sink for AppInsights {
                 settings.max_pending_items,
                 settings.max_batch_items,
             )),
-            stats: Arc::new(Stats::new()),
+            stats,
             thread: Mutex::new(None),
             counters: Mutex::new(HashMap::new()),
+            adaptive,
             settings: Arc::new(settings),
         })
     }
 
     fn export(&self, batch: &[RequestRecord<'_>]) -> Result<(), Error> {
         self.start()?;
-        let pct = self.settings.sampling_percentage;
+        let pct = self.sampling_percentage();
         let (mut sampled_out, mut too_large) = (0, 0);
+        // What the batch would send at 100 %, and what its failures send: the cap's counts.
+        let (mut offered, mut forced) = (0, 0);
         let mut scratch = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
         // Each item is compressed into the batch being built as soon as it is written, while
         // it is still in this thread's cache.
@@ -171,15 +209,20 @@ impl Sink for AppInsights {
             for r in batch {
                 let ids = envelope::operation_ids(r);
                 let failure = envelope::is_failure(r);
-                if !failure && !envelope::sampled_in(&ids.operation, pct) {
-                    sampled_out +=
+                if !failure {
+                    let items =
                         1 + usize::from(self.settings.dependencies && r.backend_status != 0);
-                    continue;
+                    offered += items;
+                    if !envelope::sampled_in(&ids.operation, pct) {
+                        sampled_out += items;
+                        continue;
+                    }
                 }
                 // A failure is sent whatever the sampling, so it stands for itself only.
                 let rate = if failure { 100.0 } else { pct };
                 self.encoder
                     .request_items(r, &ids, rate, &mut scratch, |item| {
+                        forced += usize::from(failure);
                         if item.len() <= envelope::MAX_ITEM_BYTES {
                             items.item(item);
                         } else {
@@ -188,8 +231,26 @@ impl Sink for AppInsights {
                     });
             }
         });
+        drop(scratch);
         self.stats.dropped(Reason::Sampling, sampled_out);
         self.stats.dropped(Reason::TooLarge, too_large);
+        if let Some(a) = &self.adaptive {
+            let changed = a.lock().unwrap_or_else(|e| e.into_inner()).count(
+                offered as u64,
+                forced as u64,
+                Instant::now(),
+            );
+            if let Some(now) = changed {
+                self.stats.sampling_percentage(now);
+                host::log(
+                    outpost_plugin_sdk::level::INFO,
+                    &format!(
+                        "Application Insights sampling now {now:.3} % (from {pct:.3} %), to stay under max_items_per_second = {}.",
+                        self.settings.max_items_per_second.unwrap_or_default()
+                    ),
+                );
+            }
+        }
         Ok(())
     }
 

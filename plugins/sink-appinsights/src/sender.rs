@@ -28,6 +28,7 @@ pub struct Stats {
     retried_metric: Metric,
     dropped_metric: Metric,
     spool_metric: Metric,
+    sampling_metric: Metric,
 }
 
 /// Metric names (see the README).
@@ -40,6 +41,8 @@ pub mod names {
     pub const RETRIED: &str = "appinsights_items_retried_total";
     /// Bytes in the spool directory.
     pub const SPOOL_BYTES: &str = "appinsights_spool_bytes";
+    /// The sampling percentage in effect.
+    pub const SAMPLING: &str = "appinsights_sampling_percentage";
 }
 
 impl Stats {
@@ -68,6 +71,11 @@ impl Stats {
             spool_metric: Metric::gauge(
                 names::SPOOL_BYTES,
                 "Bytes of Application Insights batches waiting in the spool directory.",
+                &[],
+            ),
+            sampling_metric: Metric::gauge(
+                names::SAMPLING,
+                "The sampling percentage in effect (below sampling_percentage while max_items_per_second holds it down).",
                 &[],
             ),
         }
@@ -100,6 +108,11 @@ impl Stats {
                 .or_default() += n as u64;
             self.dropped_metric.add(&[reason.as_str()], n as f64);
         }
+    }
+
+    /// Sets the sampling gauge.
+    pub fn sampling_percentage(&self, percentage: f64) {
+        self.sampling_metric.set(&[], percentage);
     }
 
     /// Sets the spool gauge.

@@ -368,3 +368,72 @@ fn past_max_pending_items_the_oldest_batches_are_dropped_and_counted() {
     assert_eq!(s.stats().sent_total(), 11);
     assert!(fake.invalid().is_empty(), "{:?}", fake.invalid());
 }
+
+#[test]
+fn max_items_per_second_lowers_the_sampling_percentage_and_sample_rate_says_so() {
+    let fake = Ingestion::start();
+    let mut s = sink(
+        &fake,
+        json!({ "max_items_per_second": 100, "max_batch_items": 500 }),
+    );
+    s.set_adaptive_window(Duration::from_millis(200));
+    assert_eq!(s.sampling_percentage(), 100.0);
+    // Distinct operations, so that sampling has something to choose between.
+    let traces: Vec<String> = (0..2000u64)
+        .map(|i| format!("{:032x}", i.wrapping_mul(0x9e37_79b9_7f4a_7c15)))
+        .collect();
+    let span_ids = spans(1, 2000);
+    let records = |from: usize, to: usize| -> Vec<RequestRecord<'_>> {
+        (from..to)
+            .map(|i| {
+                let mut r = record(&span_ids[i]);
+                r.trace_id = traces[i].as_str().into();
+                r
+            })
+            .collect()
+    };
+
+    // The first window goes out whole; the batch that ends it too (the new percentage applies
+    // from the next batch on).
+    s.export(&records(0, 1000)).unwrap();
+    std::thread::sleep(Duration::from_millis(250));
+    s.export(&records(1000, 1001)).unwrap();
+    let pct = s.sampling_percentage();
+    assert!(
+        (crate::adaptive::MIN_PERCENTAGE..100.0).contains(&pct),
+        "1001 items in about 0.25 s are far over 100 a second: {pct}"
+    );
+    assert_eq!(100.0 / pct, (100.0 / pct).round(), "a whole share: {pct}");
+
+    // The rest goes out at that percentage, but for a failure.
+    let mut rest = records(1001, 2000);
+    rest[0].status = 503;
+    s.export(&rest).unwrap();
+    s.flush(Duration::from_secs(5)).unwrap();
+
+    let requests = fake.accepted_of("RequestData");
+    let rate_of = |span: &str| {
+        requests
+            .iter()
+            .find(|r| r["data"]["baseData"]["id"] == span)
+            .map(|r| r["sampleRate"].as_f64().expect("a number"))
+    };
+    for span in &span_ids[..1001] {
+        assert_eq!(rate_of(span), Some(100.0), "{span}");
+    }
+    let mut dropped = 0;
+    for i in 1001..2000 {
+        let want = if i == 1001 {
+            Some(100.0)
+        } else if crate::envelope::sampled_in(&traces[i], pct) {
+            Some(pct)
+        } else {
+            dropped += 1;
+            None
+        };
+        assert_eq!(rate_of(&span_ids[i]), want, "record {i}");
+    }
+    assert!(dropped > 900, "{dropped} of 998 sampled out at {pct} %");
+    assert_eq!(s.stats().dropped_total(Reason::Sampling), dropped);
+    assert_eq!(requests.len() as u64, 2000 - dropped);
+}
