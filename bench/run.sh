@@ -316,7 +316,7 @@ path = \"$prom\"
 [[telemetry.sinks]]
 name = \"appinsights\"
 provider = \"appinsights\"
-config = { connection_string = \"InstrumentationKey=00000000-0000-0000-0000-000000000000;IngestionEndpoint=http://127.0.0.1:${INGEST_PORT[$name]}/\", sampling_percentage = ${BENCH_AI_SAMPLING:-100} }
+config = { connection_string = \"InstrumentationKey=00000000-0000-0000-0000-000000000000;IngestionEndpoint=http://127.0.0.1:${INGEST_PORT[$name]}/\", sampling_percentage = ${BENCH_AI_SAMPLING:-100}${BENCH_AI_MAX_ITEMS:+, max_items_per_second = $BENCH_AI_MAX_ITEMS} }
 
 [[telemetry.sinks]]
 name = \"prometheus\"
@@ -445,7 +445,7 @@ if ((${#METRICS_PORT[@]})); then
     lost=$(($(metric_sum appinsights_items_dropped_total) - sampled + $(metric_sum outpost_telemetry_dropped_total)))
     bytes=$(awk '{ s += $1 } END { printf "%d", s }' "$TMP/ingest/track-$name.log")
     DELIVERY[$name]="$requests requests, $sent items accepted by the ingestion endpoint ($bytes gzip body bytes), $sampled sampled out, $lost lost"
-    echo "bench: $name (Application Insights at ${BENCH_AI_SAMPLING:-100} % sampling, Prometheus): ${DELIVERY[$name]} (queue or buffer full, refused)" >&2
+    echo "bench: $name (Application Insights at ${BENCH_AI_SAMPLING:-100} % sampling${BENCH_AI_MAX_ITEMS:+ capped at $BENCH_AI_MAX_ITEMS items/s}, Prometheus): ${DELIVERY[$name]} (queue or buffer full, refused)" >&2
     if ((lost > 0)); then
       echo "bench: WARNING: $name lost telemetry, so it measured less work than it should" >&2
     fi
@@ -486,7 +486,7 @@ report() {
   done
   for name in "${VARIANTS[@]}"; do
     if [[ -n ${DELIVERY[$name]:-} ]]; then
-      echo "- $name (Application Insights at ${BENCH_AI_SAMPLING:-100} % sampling, Prometheus): ${DELIVERY[$name]}"
+      echo "- $name (Application Insights at ${BENCH_AI_SAMPLING:-100} % sampling${BENCH_AI_MAX_ITEMS:+ capped at $BENCH_AI_MAX_ITEMS items/s}, Prometheus): ${DELIVERY[$name]}"
     fi
   done
   echo "- machine: $(nproc) CPUs, $(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo); $(uname -sr)"

@@ -13,6 +13,10 @@ pub const WINDOW: Duration = Duration::from_secs(5);
 /// one applies at once): a burst that comes back does not make the percentage swing.
 pub const RAISE_AFTER: Duration = Duration::from_secs(30);
 
+/// A window ends early once it has sent a whole window's items, but not before this part of
+/// it has passed.
+const SHORTEST: u32 = 50;
+
 /// The lowest percentage the cap sets: one operation in a thousand.
 pub const MIN_PERCENTAGE: f64 = 0.1;
 
@@ -71,7 +75,12 @@ impl Adaptive {
         self.offered += offered;
         self.forced += forced;
         let elapsed = now.saturating_duration_since(self.window_start);
-        if elapsed < self.window {
+        // A window ends early once it has sent what a whole window may (a burst, or traffic
+        // back after an idle spell at a higher percentage), when it is long enough to say what
+        // the traffic is.
+        let sent = self.offered as f64 * self.percentage / 100.0 + self.forced as f64;
+        let spent = sent > self.max_per_second * self.window.as_secs_f64();
+        if elapsed < self.window && !(spent && elapsed >= self.window / SHORTEST) {
             return None;
         }
         let secs = elapsed.as_secs_f64();
@@ -134,15 +143,33 @@ mod tests {
         let t = Instant::now();
         let mut a = Adaptive::new(100.0, 100.0, t);
         assert_eq!(a.percentage(), 100.0);
-        // Within the window nothing changes, however much arrives.
-        assert_eq!(a.count(4_000, 0, t + 4 * S), None);
+        // Under the window's share (500 items) nothing changes before the window ends.
+        assert_eq!(a.count(400, 0, t + 4 * S), None);
         assert_eq!(a.percentage(), 100.0);
         // 5 000 items in 5 s is 1 000 a second: a tenth of them is the cap.
-        assert_eq!(a.count(1_000, 0, t + 5 * S), Some(10.0));
+        assert_eq!(a.count(4_600, 0, t + 5 * S), Some(10.0));
         // Twice the traffic: half that.
         assert_eq!(a.count(10_000, 0, t + 10 * S), Some(5.0));
         // The same again: no change.
         assert_eq!(a.count(10_000, 0, t + 15 * S), None);
+    }
+
+    #[test]
+    fn a_window_that_has_sent_its_share_ends_early() {
+        let t = Instant::now();
+        let mut a = Adaptive::new(100.0, 100.0, t);
+        let ms = Duration::from_millis(1);
+        // 1 000 items in 50 ms are twice a window's 500, but too short a time to go by.
+        assert_eq!(a.count(1_000, 0, t + 50 * ms), None);
+        // At 100 ms (a fiftieth of the window) the window ends: 10 000 a second, 1 %.
+        assert_eq!(a.count(0, 0, t + 100 * ms), Some(1.0));
+        // At 1 %, 10 000 a second send 100 a second: the window runs its full length.
+        assert_eq!(a.count(45_000, 0, t + 4_600 * ms), None);
+        assert_eq!(a.count(5_000, 0, t + 5_100 * ms), None);
+        // Traffic back after a long idle spell raises the percentage at once, and the window
+        // that follows ends as soon as it has sent its share.
+        assert_eq!(a.count(0, 0, t + 120 * S), Some(100.0));
+        assert_eq!(a.count(1_000, 0, t + 120 * S + 100 * ms), Some(1.0));
     }
 
     #[test]

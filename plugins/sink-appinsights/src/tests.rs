@@ -393,10 +393,12 @@ fn max_items_per_second_lowers_the_sampling_percentage_and_sample_rate_says_so()
             .collect()
     };
 
-    // The first window goes out whole; the batch that ends it too (the new percentage applies
-    // from the next batch on).
+    // The first batch goes out whole: a new percentage applies from the next batch on. The
+    // window ends with it when that took long enough (it has sent far more than its 20 items'
+    // share), or else with the next batch.
     s.export(&records(0, 1000)).unwrap();
     std::thread::sleep(Duration::from_millis(250));
+    let second = s.sampling_percentage();
     s.export(&records(1000, 1001)).unwrap();
     let pct = s.sampling_percentage();
     assert!(
@@ -418,10 +420,16 @@ fn max_items_per_second_lowers_the_sampling_percentage_and_sample_rate_says_so()
             .find(|r| r["data"]["baseData"]["id"] == span)
             .map(|r| r["sampleRate"].as_f64().expect("a number"))
     };
-    for span in &span_ids[..1001] {
+    for span in &span_ids[..1000] {
         assert_eq!(rate_of(span), Some(100.0), "{span}");
     }
     let mut dropped = 0;
+    if crate::envelope::sampled_in(&traces[1000], second) {
+        assert_eq!(rate_of(&span_ids[1000]), Some(second));
+    } else {
+        assert_eq!(rate_of(&span_ids[1000]), None);
+        dropped += 1;
+    }
     for i in 1001..2000 {
         let want = if i == 1001 {
             Some(100.0)
@@ -433,7 +441,7 @@ fn max_items_per_second_lowers_the_sampling_percentage_and_sample_rate_says_so()
         };
         assert_eq!(rate_of(&span_ids[i]), want, "record {i}");
     }
-    assert!(dropped > 900, "{dropped} of 998 sampled out at {pct} %");
+    assert!(dropped > 900, "{dropped} of 999 sampled out at {pct} %");
     assert_eq!(s.stats().dropped_total(Reason::Sampling), dropped);
     assert_eq!(requests.len() as u64, 2000 - dropped);
 }
