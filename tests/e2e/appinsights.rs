@@ -258,11 +258,12 @@ async fn every_item_is_valid_and_correlated_with_the_clients_trace() {
             .expect("the failed call");
         assert_eq!(base(dep)["success"], false);
     }
-    // The final metric snapshot: the gateway's metrics and the sink's own.
+    // The last metric snapshot: the gateway's metrics and the sink's own.
     let metrics = fake.accepted_of("MetricData");
     let metric = |name: &str| {
         metrics
             .iter()
+            .rev()
             .find(|m| base(m)["metrics"][0]["name"] == name)
             .map(|m| base(m)["metrics"][0]["value"].as_f64().unwrap())
     };

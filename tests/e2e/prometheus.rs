@@ -660,3 +660,33 @@ fn a_taken_port_stops_the_gateway_from_starting_but_not_the_check() {
         "{logs}"
     );
 }
+
+#[tokio::test]
+async fn the_first_scrape_shows_the_configuration_being_served() {
+    // Snapshots an hour apart: what a scrape shows at first is the one given at start, which
+    // is taken once the configuration is applied.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("addr");
+    let manifest = manifest(&sink(
+        "prom",
+        &format!(
+            "{{ listen = \"127.0.0.1:0\", address_file = \"{}\" }}",
+            file.display()
+        ),
+    ))
+    .replace("metrics_interval_ms = 100", "metrics_interval_ms = 3600000");
+    let _gw = Gateway::start(GatewaySpec {
+        manifest,
+        api: emit_api(json!([])),
+        files: Vec::new(),
+        watch_ms: 0,
+    });
+    let text = scrape_text(&format!("http://{}/metrics", bound_address(&file))).await;
+    let info = text
+        .lines()
+        .find(|l| l.starts_with("outpost_config_info{"))
+        .unwrap_or_else(|| panic!("no outpost_config_info:\n{text}"));
+    assert!(info.contains("version=\"check\""), "{info}");
+    assert!(info.contains("source=\"file\""), "{info}");
+    assert!(info.ends_with(" 1"), "{info}");
+}

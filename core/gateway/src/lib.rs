@@ -290,6 +290,12 @@ impl Gateway {
             })?;
             bound.push(b);
         }
+        // The sinks start last, with the configuration applied and the listeners bound, so
+        // that their first snapshot shows the gateway as it serves; none has started when
+        // anything before fails.
+        if let Some(t) = &shared.telemetry {
+            t.begin().map_err(StartError::Plugins)?;
+        }
 
         let (stop, stop_rx) = watch::channel(false);
         let (done_tx, done_rx) = mpsc::channel(1);

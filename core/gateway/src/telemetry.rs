@@ -180,13 +180,15 @@ fn hex(h: &Option<impl AsRef<[u8]>>) -> RStr<'_> {
 impl Record {
     /// A record of a request that has just arrived.
     pub fn begin(a: Arrival<'_>) -> Record {
+        // Header values are checked as UTF-8 here, once; the path and the listener are text
+        // already.
         let parts = [
-            a.request_id.as_bytes(),
-            a.client_ip.as_bytes(),
-            a.host.unwrap_or_default(),
-            a.path.as_bytes(),
-            a.user_agent.map(HeaderValue::as_bytes).unwrap_or_default(),
-            a.listener.as_bytes(),
+            utf8(a.request_id.as_bytes()),
+            utf8(a.client_ip.as_bytes()),
+            utf8(a.host.unwrap_or_default()),
+            a.path,
+            utf8(a.user_agent.map(HeaderValue::as_bytes).unwrap_or_default()),
+            a.listener,
         ];
         // Room for the backend URL too (scheme, authority and the path again) and the ids
         // the request matches, so that adding them seldom moves the text.
@@ -217,7 +219,7 @@ impl Record {
             Text::Listener,
         ];
         for (field, part) in fields.into_iter().zip(parts) {
-            r.set(field, utf8(part));
+            r.set(field, part);
         }
         r
     }
@@ -337,6 +339,8 @@ pub struct Telemetry {
     workers: Vec<Worker>,
     stop: Arc<AtomicBool>,
     shutdown_flush: Duration,
+    /// The sinks until [`Telemetry::begin`] starts them, each with its thread's done signal.
+    waiting: std::sync::Mutex<Vec<(Run, SyncSender<()>)>>,
 }
 
 impl std::fmt::Debug for Telemetry {
@@ -351,8 +355,8 @@ impl std::fmt::Debug for Telemetry {
 }
 
 impl Telemetry {
-    /// Creates every `[[telemetry.sinks]]` entry and starts its thread. `None` without sinks
-    /// (requests then build no record at all).
+    /// Creates every `[[telemetry.sinks]]` entry and its queue; [`Telemetry::begin`] starts
+    /// them. `None` without sinks (requests then build no record at all).
     pub fn start(
         settings: &Settings,
         plugins: &PluginHost,
@@ -371,39 +375,64 @@ impl Telemetry {
         if sinks.is_empty() {
             return Ok(None);
         }
-        // Each sink starts on its first call (`outpost check` creates sinks and calls nothing,
-        // so that it binds and sends nothing): the first metrics snapshot, here, so that a sink
-        // that cannot start (a listen port taken) stops the gateway from starting.
-        for (i, (name, sink)) in sinks.iter().enumerate() {
-            if let RResult::RErr(e) = export_snapshot(sink) {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut workers = Vec::new();
+        let mut waiting = Vec::new();
+        for (name, sink) in sinks {
+            let (queue, rx) = sync_channel(settings.queue_capacity);
+            let (done_tx, done) = sync_channel(1);
+            waiting.push((
+                Run {
+                    name: name.clone(),
+                    sink,
+                    rx,
+                    stop: stop.clone(),
+                    batch_max: settings.batch_max,
+                    flush_every: Duration::from_millis(settings.flush_interval_ms),
+                    metrics_every: Duration::from_millis(settings.metrics_interval_ms),
+                    shutdown_flush: Duration::from_millis(settings.shutdown_flush_ms),
+                    views: Cell::new(Vec::with_capacity(settings.batch_max)),
+                },
+                done_tx,
+            ));
+            workers.push(Worker {
+                name,
+                queue,
+                done: std::sync::Mutex::new(done),
+            });
+        }
+        Ok(Some(Telemetry {
+            workers,
+            stop,
+            shutdown_flush: Duration::from_millis(settings.shutdown_flush_ms),
+            waiting: std::sync::Mutex::new(waiting),
+        }))
+    }
+
+    /// Starts the sinks, once the gateway is ready to serve: each sink starts on its first
+    /// call (`outpost check` creates sinks and calls nothing, so that it binds and sends
+    /// nothing), which is a snapshot of the metrics as they are then; a sink that cannot start
+    /// (a listen port taken) stops the gateway from starting. Then each sink's thread starts.
+    pub fn begin(&self) -> Result<(), Vec<String>> {
+        let runs = std::mem::take(&mut *self.waiting.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut problems = Vec::new();
+        for (i, (run, _)) in runs.iter().enumerate() {
+            if let RResult::RErr(e) = export_snapshot(&run.sink) {
                 let why = match e.kind {
                     ErrorKind::PANICKED => "panicked".to_string(),
                     _ => e.message.into_string(),
                 };
                 problems.push(format!(
-                    "telemetry.sinks[{i}] '{name}': cannot start: {why}"
+                    "telemetry.sinks[{i}] '{}': cannot start: {why}",
+                    run.name
                 ));
             }
         }
         if !problems.is_empty() {
             return Err(problems);
         }
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut workers = Vec::new();
-        for (name, sink) in sinks {
-            let (queue, rx) = sync_channel(settings.queue_capacity);
-            let (done_tx, done) = sync_channel(1);
-            let run = Run {
-                name: name.clone(),
-                sink,
-                rx,
-                stop: stop.clone(),
-                batch_max: settings.batch_max,
-                flush_every: Duration::from_millis(settings.flush_interval_ms),
-                metrics_every: Duration::from_millis(settings.metrics_interval_ms),
-                shutdown_flush: Duration::from_millis(settings.shutdown_flush_ms),
-                views: Cell::new(Vec::with_capacity(settings.batch_max)),
-            };
+        for (run, done_tx) in runs {
+            let name = run.name.clone();
             std::thread::Builder::new()
                 .name(format!("outpost-sink-{name}"))
                 .spawn(move || {
@@ -415,17 +444,8 @@ impl Telemetry {
                         "telemetry sink '{name}': cannot start its thread: {e}"
                     )]
                 })?;
-            workers.push(Worker {
-                name,
-                queue,
-                done: std::sync::Mutex::new(done),
-            });
         }
-        Ok(Some(Telemetry {
-            workers,
-            stop,
-            shutdown_flush: Duration::from_millis(settings.shutdown_flush_ms),
-        }))
+        Ok(())
     }
 
     /// Offers a record to every sink; a full queue drops it for that sink and counts it.
@@ -442,11 +462,15 @@ impl Telemetry {
     /// Stops the sinks: each exports what it has queued and flushes, within the deadline.
     pub fn shutdown(&self) {
         self.stop.store(true, Ordering::Relaxed);
+        // Sinks never started have nothing to deliver.
+        drop(std::mem::take(
+            &mut *self.waiting.lock().unwrap_or_else(|e| e.into_inner()),
+        ));
         let deadline = Instant::now() + self.shutdown_flush + Duration::from_millis(500);
         for w in &self.workers {
             let left = deadline.saturating_duration_since(Instant::now());
             let done = w.done.lock().unwrap_or_else(|e| e.into_inner());
-            if done.recv_timeout(left).is_err() {
+            if let Err(RecvTimeoutError::Timeout) = done.recv_timeout(left) {
                 tracing::warn!(sink = %w.name, "Telemetry sink did not finish in time; what it held is lost.");
             }
         }

@@ -15,8 +15,9 @@ pub trait Sink: Send + Sync + Sized + 'static {
 
     /// Builds the sink; an error stops the gateway from starting (or `outpost check` reports it).
     /// `outpost check` calls this too, and nothing else: validate here, and leave what has
-    /// effects outside the process (binding a port, connecting, starting a thread) to the
-    /// first call, [`Sink::export_metrics`] as the gateway starts.
+    /// effects outside the process (binding a port, starting a thread) to the first call,
+    /// [`Sink::export_metrics`] as the gateway starts. The gateway waits for that call: keep
+    /// it short, and connect to remote services from a thread of the sink's own.
     fn new(config: Self::Config) -> Result<Self, String>;
 
     /// A batch of request records, in the order their responses started.

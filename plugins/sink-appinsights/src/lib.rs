@@ -80,8 +80,8 @@ impl AppInsights {
         &self.stats
     }
 
-    /// Starts the sending thread on first use: `outpost check` builds sinks without starting
-    /// anything.
+    /// Starts the sending thread on the first call (the gateway's start-up metrics snapshot):
+    /// `outpost check` builds sinks without starting anything.
     fn start(&self) -> Result<(), Error> {
         let mut thread = self.thread.lock().unwrap_or_else(|e| e.into_inner());
         if thread.is_some() {
@@ -255,10 +255,12 @@ impl Sink for AppInsights {
     }
 
     fn export_metrics(&self, batch: &[MetricSample<'_>]) -> Result<(), Error> {
+        // The first call, as the gateway starts, starts the sending thread (which replays
+        // what an earlier run spooled) whether or not metrics are sent.
+        self.start()?;
         if !self.settings.metrics || batch.is_empty() {
             return Ok(());
         }
-        self.start()?;
         let now = host::now_unix_ms();
         let mut last = self.counters.lock().unwrap_or_else(|e| e.into_inner());
         let mut items = Vec::with_capacity(batch.len());

@@ -163,6 +163,20 @@ impl Sink for Prometheus {
 
     fn new(c: Config) -> Result<Self, String> {
         let settings = c.validate()?;
+        // The file is written when the sink starts; its directory can be looked at now, so
+        // that `outpost check` reports a missing one.
+        if let Some(f) = &settings.address_file {
+            let dir = f
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            if !dir.is_dir() {
+                return Err(format!(
+                    "address_file: {} is not a directory",
+                    dir.display()
+                ));
+            }
+        }
         let exposition = Arc::new(Exposition::new(&settings)?);
         Ok(Self {
             settings,

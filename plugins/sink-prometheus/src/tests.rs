@@ -607,3 +607,18 @@ fn measure_export_cost_per_record() {
         per_record[ROUNDS / 2]
     );
 }
+
+#[test]
+fn an_address_file_in_a_missing_directory_is_a_config_error() {
+    let e = sink::<Prometheus>(
+        r#"{"listen": "127.0.0.1:0", "address_file": "/nonexistent-outpost-dir/addr"}"#,
+    )
+    .err()
+    .expect("refused");
+    assert!(
+        e.message
+            .contains("address_file: /nonexistent-outpost-dir is not a directory"),
+        "{}",
+        e.message
+    );
+}
