@@ -217,7 +217,7 @@ impl Gateway {
             .collect();
         let services =
             plugins::Services::new(manifest, &plugins, &clients).map_err(StartError::Plugins)?;
-        let telemetry = telemetry::Telemetry::start(&manifest.telemetry, &plugins)
+        let telemetry = telemetry::Telemetry::new(&manifest.telemetry, &plugins)
             .map_err(StartError::Plugins)?;
         let shared = Arc::new(Shared::new(
             manifest.limits.clone(),
@@ -294,7 +294,7 @@ impl Gateway {
         // that their first snapshot shows the gateway as it serves; none has started when
         // anything before fails.
         if let Some(t) = &shared.telemetry {
-            t.begin().map_err(StartError::Plugins)?;
+            t.start().map_err(StartError::Plugins)?;
         }
 
         let (stop, stop_rx) = watch::channel(false);

@@ -339,7 +339,7 @@ pub struct Telemetry {
     workers: Vec<Worker>,
     stop: Arc<AtomicBool>,
     shutdown_flush: Duration,
-    /// The sinks until [`Telemetry::begin`] starts them, each with its thread's done signal.
+    /// The sinks until [`Telemetry::start`] starts them, each with its thread's done signal.
     waiting: std::sync::Mutex<Vec<(Run, SyncSender<()>)>>,
 }
 
@@ -355,9 +355,9 @@ impl std::fmt::Debug for Telemetry {
 }
 
 impl Telemetry {
-    /// Creates every `[[telemetry.sinks]]` entry and its queue; [`Telemetry::begin`] starts
+    /// Creates every `[[telemetry.sinks]]` entry and its queue; [`Telemetry::start`] starts
     /// them. `None` without sinks (requests then build no record at all).
-    pub fn start(
+    pub fn new(
         settings: &Settings,
         plugins: &PluginHost,
     ) -> Result<Option<Telemetry>, Vec<String>> {
@@ -413,7 +413,7 @@ impl Telemetry {
     /// call (`outpost check` creates sinks and calls nothing, so that it binds and sends
     /// nothing), which is a snapshot of the metrics as they are then; a sink that cannot start
     /// (a listen port taken) stops the gateway from starting. Then each sink's thread starts.
-    pub fn begin(&self) -> Result<(), Vec<String>> {
+    pub fn start(&self) -> Result<(), Vec<String>> {
         let runs = std::mem::take(&mut *self.waiting.lock().unwrap_or_else(|e| e.into_inner()));
         let mut problems = Vec::new();
         for (i, (run, _)) in runs.iter().enumerate() {

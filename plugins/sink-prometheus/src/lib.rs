@@ -22,7 +22,7 @@
 
 use std::io::Write;
 use std::path::Path;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use outpost_plugin_sdk::{export_plugin, host, level, Error, MetricSample, RequestRecord, Sink};
@@ -105,32 +105,33 @@ impl Render for Exposition {
 pub struct Prometheus {
     settings: Settings,
     exposition: Arc<Exposition>,
-    server: OnceLock<Server>,
-    /// Held while the listener is being started.
-    starting: Mutex<()>,
+    /// The listener, once started.
+    server: Mutex<Option<Server>>,
 }
 
 impl Prometheus {
     /// The address the listener is bound to, once it is.
     pub fn addr(&self) -> Option<std::net::SocketAddr> {
-        self.server.get().map(Server::addr)
+        self.server
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(Server::addr)
     }
 
-    /// Binds the listener and starts serving, on the first call.
+    /// Binds the listener and starts serving, on the first call (and on the next ones until
+    /// that succeeds).
     fn start(&self) -> Result<(), Error> {
-        if self.server.get().is_some() {
-            return Ok(());
-        }
-        let _one = self.starting.lock().unwrap_or_else(|e| e.into_inner());
-        if self.server.get().is_some() {
+        let mut server = self.server.lock().unwrap_or_else(|e| e.into_inner());
+        if server.is_some() {
             return Ok(());
         }
         let s = &self.settings;
         let listener = std::net::TcpListener::bind(s.listen)
             .map_err(|e| Error::unavailable(format!("listen: cannot bind {}: {e}", s.listen)))?;
-        let server = Server::start(listener, s.path.clone(), self.exposition.clone())
+        let started = Server::start(listener, s.path.clone(), self.exposition.clone())
             .map_err(|e| Error::unavailable(format!("cannot start the listener: {e}")))?;
-        let addr = server.addr();
+        let addr = started.addr();
         if let Some(f) = &s.address_file {
             write_address(f, addr).map_err(|e| {
                 Error::unavailable(format!("address_file: cannot write {}: {e}", f.display()))
@@ -143,7 +144,7 @@ impl Prometheus {
                 s.path
             ),
         );
-        let _ = self.server.set(server);
+        *server = Some(started);
         Ok(())
     }
 }
@@ -181,8 +182,7 @@ impl Sink for Prometheus {
         Ok(Self {
             settings,
             exposition,
-            server: OnceLock::new(),
-            starting: Mutex::new(()),
+            server: Mutex::new(None),
         })
     }
 
