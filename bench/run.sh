@@ -17,6 +17,15 @@ LOAD_CPU=0  # wrk and the backend
 
 die() { echo "bench: $*" >&2; exit 1; }
 
+# The two-sink variant's cap on Application Insights items, in words.
+ai_cap() {
+  case ${BENCH_AI_MAX_ITEMS:-} in
+    "") echo "the sink's default cap on items/s" ;;
+    0) echo "no cap" ;;
+    *) echo "capped at $BENCH_AI_MAX_ITEMS items/s" ;;
+  esac
+}
+
 # --- tools ------------------------------------------------------------------
 install_tools() {
   local sudo=""
@@ -445,7 +454,7 @@ if ((${#METRICS_PORT[@]})); then
     lost=$(($(metric_sum appinsights_items_dropped_total) - sampled + $(metric_sum outpost_telemetry_dropped_total)))
     bytes=$(awk '{ s += $1 } END { printf "%d", s }' "$TMP/ingest/track-$name.log")
     DELIVERY[$name]="$requests requests, $sent items accepted by the ingestion endpoint ($bytes gzip body bytes), $sampled sampled out, $lost lost"
-    echo "bench: $name (Application Insights at ${BENCH_AI_SAMPLING:-100} % sampling${BENCH_AI_MAX_ITEMS:+ capped at $BENCH_AI_MAX_ITEMS items/s}, Prometheus): ${DELIVERY[$name]} (queue or buffer full, refused)" >&2
+    echo "bench: $name (Application Insights at ${BENCH_AI_SAMPLING:-100} % sampling, $(ai_cap), Prometheus): ${DELIVERY[$name]} (queue or buffer full, refused)" >&2
     if ((lost > 0)); then
       echo "bench: WARNING: $name lost telemetry, so it measured less work than it should" >&2
     fi
@@ -486,7 +495,7 @@ report() {
   done
   for name in "${VARIANTS[@]}"; do
     if [[ -n ${DELIVERY[$name]:-} ]]; then
-      echo "- $name (Application Insights at ${BENCH_AI_SAMPLING:-100} % sampling${BENCH_AI_MAX_ITEMS:+ capped at $BENCH_AI_MAX_ITEMS items/s}, Prometheus): ${DELIVERY[$name]}"
+      echo "- $name (Application Insights at ${BENCH_AI_SAMPLING:-100} % sampling, $(ai_cap), Prometheus): ${DELIVERY[$name]}"
     fi
   done
   echo "- machine: $(nproc) CPUs, $(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo); $(uname -sr)"

@@ -10,6 +10,12 @@ use crate::connection_string::{self, ConnectionString};
 /// The most items one request may carry (the documented ingestion limit).
 pub const MAX_BATCH_ITEMS_LIMIT: usize = 64_000;
 
+/// The cap on items sent a second unless configured: every request of a gateway serving up
+/// to about 50 requests a second (a request item and a backend call each) is sent; a busier
+/// gateway is sampled, as the Application Insights SDKs sample by default (at 5 items or
+/// requests a second), keeping its cost to the gateway and its ingestion volume bounded.
+pub const DEFAULT_MAX_ITEMS_PER_SECOND: f64 = 100.0;
+
 /// The most ingestion requests in flight at once.
 pub const MAX_CONCURRENT_REQUESTS: usize = 32;
 
@@ -23,9 +29,9 @@ pub struct Config {
     #[serde(default = "default_sampling")]
     pub sampling_percentage: f64,
     /// The most items a second the sink sends: past it, the sampling percentage is lowered
-    /// (never raised above `sampling_percentage`). None: no cap.
-    #[serde(default)]
-    pub max_items_per_second: Option<f64>,
+    /// (never raised above `sampling_percentage`). 0: no cap.
+    #[serde(default = "default_max_items_per_second")]
+    pub max_items_per_second: f64,
     /// Most items per ingestion request (1 to 64000).
     #[serde(default = "default_max_batch_items")]
     pub max_batch_items: usize,
@@ -72,6 +78,9 @@ pub struct Config {
 fn default_sampling() -> f64 {
     100.0
 }
+fn default_max_items_per_second() -> f64 {
+    DEFAULT_MAX_ITEMS_PER_SECOND
+}
 fn default_max_batch_items() -> usize {
     512
 }
@@ -107,7 +116,7 @@ pub struct Settings {
     pub connection: ConnectionString,
     /// Sampling percentage, 0 to 100.
     pub sampling_percentage: f64,
-    /// Items a second at most, kept by lowering the sampling percentage.
+    /// Items a second at most, kept by lowering the sampling percentage (none: no cap).
     pub max_items_per_second: Option<f64>,
     /// Items per request.
     pub max_batch_items: usize,
@@ -154,12 +163,11 @@ impl Config {
                 self.sampling_percentage
             ));
         }
-        if let Some(m) = self.max_items_per_second {
-            if !(m.is_finite() && m > 0.0) {
-                problems.push(format!(
-                    "max_items_per_second must be a positive number (got {m}); leave it out for no cap"
-                ));
-            }
+        let m = self.max_items_per_second;
+        if !(m.is_finite() && m >= 0.0) {
+            problems.push(format!(
+                "max_items_per_second must be a positive number, or 0 for no cap (got {m})"
+            ));
         }
         if self.max_batch_items == 0 || self.max_batch_items > MAX_BATCH_ITEMS_LIMIT {
             problems.push(format!(
@@ -209,7 +217,8 @@ impl Config {
             (Some(connection), true) => Ok(Settings {
                 connection,
                 sampling_percentage: self.sampling_percentage,
-                max_items_per_second: self.max_items_per_second,
+                max_items_per_second: (self.max_items_per_second > 0.0)
+                    .then_some(self.max_items_per_second),
                 max_batch_items: self.max_batch_items,
                 max_concurrent_requests: self.max_concurrent_requests,
                 flush_interval: Duration::from_millis(self.flush_interval_ms),
@@ -252,7 +261,13 @@ mod tests {
         assert_eq!(s.flush_interval, Duration::from_secs(1));
         assert!(s.spool_dir.is_none());
         assert!(s.dependencies && s.exceptions && s.metrics);
-        assert_eq!(s.max_items_per_second, None);
+        assert_eq!(s.max_items_per_second, Some(DEFAULT_MAX_ITEMS_PER_SECOND));
+        let s = config(
+            r#"{"connection_string": "InstrumentationKey=00000000-1111-2222-3333-444455556666",
+                "max_items_per_second": 0}"#,
+        )
+        .expect("valid");
+        assert_eq!(s.max_items_per_second, None, "0 is no cap");
     }
 
     #[test]
@@ -260,7 +275,7 @@ mod tests {
         let err = config(
             r#"{"connection_string": "InstrumentationKey=nope", "sampling_percentage": 101,
                 "max_batch_items": 64001, "max_concurrent_requests": 0, "timeout_ms": 0, "spool_dir": "", "region": " ",
-                "max_items_per_second": 0}"#,
+                "max_items_per_second": -1}"#,
         )
         .unwrap_err();
         for field in [
@@ -271,7 +286,7 @@ mod tests {
             "timeout_ms must be positive",
             "spool_dir must name a directory",
             "region must not be empty",
-            "max_items_per_second must be a positive number (got 0)",
+            "max_items_per_second must be a positive number, or 0 for no cap (got -1)",
         ] {
             assert!(err.contains(field), "{field}: {err}");
         }
