@@ -20,8 +20,8 @@ die() { echo "bench: $*" >&2; exit 1; }
 # The two-sink variant's cap on Application Insights items, in words.
 ai_cap() {
   case ${BENCH_AI_MAX_ITEMS:-} in
-    "") echo "the sink's default cap on items/s" ;;
-    0) echo "no cap" ;;
+    "") echo "max_items_per_second unset (the build's default: 100 items/s since 2026-11-24, no cap before)" ;;
+    0|0.0|00) echo "no cap" ;;
     *) echo "capped at $BENCH_AI_MAX_ITEMS items/s" ;;
   esac
 }

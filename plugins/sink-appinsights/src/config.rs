@@ -12,8 +12,9 @@ pub const MAX_BATCH_ITEMS_LIMIT: usize = 64_000;
 
 /// The cap on items sent a second unless configured: every request of a gateway serving up
 /// to about 50 requests a second (a request item and a backend call each) is sent; a busier
-/// gateway is sampled, as the Application Insights SDKs sample by default (at 5 items or
-/// requests a second), keeping its cost to the gateway and its ingestion volume bounded.
+/// gateway is sampled, as the classic ASP.NET SDKs (adaptive, about 5 items a second) and the
+/// Java agent since 3.4 (5 requests a second) sample by default, keeping its cost to the
+/// gateway and its ingestion volume bounded.
 pub const DEFAULT_MAX_ITEMS_PER_SECOND: f64 = 100.0;
 
 /// The most ingestion requests in flight at once.

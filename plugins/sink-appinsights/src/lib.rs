@@ -96,9 +96,13 @@ impl AppInsights {
         host::log(
             outpost_plugin_sdk::level::INFO,
             &format!(
-                "Sending telemetry to Application Insights at {} (key {}).",
+                "Sending telemetry to Application Insights at {} (key {}), {}.",
                 self.settings.connection.ingestion_endpoint,
-                self.settings.connection.redacted_key()
+                self.settings.connection.redacted_key(),
+                match self.settings.max_items_per_second {
+                    Some(m) => format!("at most {m} items a second (max_items_per_second)"),
+                    None => "with no cap on items a second".to_owned(),
+                }
             ),
         );
         *thread = Some(
