@@ -293,7 +293,8 @@ async fn metrics_match_the_traffic_and_parse_with_a_real_parser() {
     );
 
     // The traffic: 7 × 200 on get-item (5 for tenant acme, 2 for globex), 3 × 404 from the
-    // backend, 2 × 404 for an unknown API, 1 × 502 from a backend that is down, and 30 × 200
+    // backend, 2 × 404 for an unknown API, 1 × 502 from a backend that is down (a POST of
+    // 1 234 bytes), and 30 × 200
     // on one catch-all operation through 30 distinct raw paths.
     let c = client();
     for i in 1..=7 {
@@ -314,7 +315,12 @@ async fn metrics_match_the_traffic_and_parse_with_a_real_parser() {
         let r = c.get(gw.url(&format!("/nope/{i}"))).send().await.unwrap();
         assert_eq!(r.status(), 404);
     }
-    let r = c.get(gw.url("/down/x")).send().await.unwrap();
+    let r = c
+        .post(gw.url("/down/x"))
+        .body(vec![b'x'; 1234])
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 502);
     for i in 0..30 {
         let r = c
@@ -333,17 +339,18 @@ async fn metrics_match_the_traffic_and_parse_with_a_real_parser() {
     .await;
 
     // Requests by API, operation, method and status.
-    let requests = |api: &str, op: &str, status: &str| {
+    let requests_by = |api: &str, op: &str, method: &str, status: &str| {
         s.value(
             "outpost_http_requests_total",
             &[
                 ("api", api),
                 ("operation", op),
-                ("method", "GET"),
+                ("method", method),
                 ("status", status),
             ],
         )
     };
+    let requests = |api: &str, op: &str, status: &str| requests_by(api, op, "GET", status);
     assert_eq!(requests("svc", "get-item", "200"), Some(7.0), "{}", s.text);
     assert_eq!(requests("svc", "status", "404"), Some(3.0));
     assert_eq!(
@@ -351,7 +358,7 @@ async fn metrics_match_the_traffic_and_parse_with_a_real_parser() {
         Some(2.0),
         "no API: (none)"
     );
-    assert_eq!(requests("down", "any", "502"), Some(1.0));
+    assert_eq!(requests_by("down", "any", "POST", "502"), Some(1.0));
     assert_eq!(requests("svc", "catch", "200"), Some(30.0));
     assert_eq!(s.total("outpost_http_requests_total"), sent);
     assert_eq!(
@@ -440,6 +447,11 @@ async fn metrics_match_the_traffic_and_parse_with_a_real_parser() {
         s.value("outpost_http_request_bytes_total", &op("svc", "get-item")),
         Some(0.0)
     );
+    assert_eq!(
+        s.value("outpost_http_request_bytes_total", &op("down", "any")),
+        Some(1234.0),
+        "the declared length of a request, even one the backend never saw"
+    );
 
     // Upstream errors by kind: the one request to the closed port.
     assert_eq!(
@@ -499,20 +511,20 @@ async fn metrics_match_the_traffic_and_parse_with_a_real_parser() {
     .await;
     let tight_requests = t.series("outpost_http_requests_total");
     assert_eq!(tight_requests.len(), 5, "{tight_requests:?}");
-    let folded = |status: &str| {
+    let folded = |method: &str, status: &str| {
         t.value(
             "outpost_http_requests_total",
             &[
                 ("api", "(other)"),
                 ("operation", "(other)"),
-                ("method", "GET"),
+                ("method", method),
                 ("status", status),
             ],
         )
     };
-    assert_eq!(folded("404"), Some(2.0));
-    assert_eq!(folded("502"), Some(1.0));
-    assert_eq!(folded("200"), Some(30.0));
+    assert_eq!(folded("GET", "404"), Some(2.0));
+    assert_eq!(folded("POST", "502"), Some(1.0));
+    assert_eq!(folded("GET", "200"), Some(30.0));
     assert_eq!(t.total("outpost_http_requests_total"), sent);
     assert_eq!(
         t.value(

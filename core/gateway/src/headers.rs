@@ -210,8 +210,9 @@ pub fn request_id(headers: &HeaderMap) -> HeaderValue {
 
 /// W3C trace context for this hop: a valid incoming `traceparent` keeps its trace id and
 /// flags and gets a new parent id (the gateway's span); an absent or invalid one is replaced
-/// by a new trace. Returns the trace id (32 hex) for logs. `tracestate` passes through.
-pub fn propagate_traceparent(headers: &mut HeaderMap) -> [u8; 32] {
+/// by a new trace. Returns the trace id (32 hex) and the gateway's span id (16 hex), for logs
+/// and telemetry. `tracestate` passes through.
+pub fn propagate_traceparent(headers: &mut HeaderMap) -> ([u8; 32], [u8; 16]) {
     let mut trace_id = [0u8; 32];
     let mut flags = *b"01";
     match headers
@@ -253,7 +254,9 @@ pub fn propagate_traceparent(headers: &mut HeaderMap) -> [u8; 32] {
         &TRACEPARENT,
         HeaderValue::from_bytes(&out).expect("hex and dashes are valid header bytes"),
     );
-    trace_id
+    let mut span_id = [0u8; 16];
+    span_id.copy_from_slice(&out[36..52]);
+    (trace_id, span_id)
 }
 
 /// Parses `version-traceid-parentid-flags`; `None` when invalid (W3C Trace Context §3.2).
@@ -406,10 +409,11 @@ mod tests {
     fn traceparent_is_continued_with_a_new_span() {
         let incoming = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
         let mut h = map(&[("traceparent", incoming)]);
-        let trace = propagate_traceparent(&mut h);
+        let (trace, span) = propagate_traceparent(&mut h);
         assert_eq!(&trace, b"4bf92f3577b34da6a3ce929d0e0e4736");
         let out = h["traceparent"].to_str().expect("ascii");
         assert!(out.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"));
+        assert_eq!(&out.as_bytes()[36..52], &span);
         assert!(out.ends_with("-01"));
         assert_ne!(out, incoming);
     }
@@ -423,7 +427,7 @@ mod tests {
             "garbage",
         ] {
             let mut h = map(&[("traceparent", bad)]);
-            let trace = propagate_traceparent(&mut h);
+            let (trace, _) = propagate_traceparent(&mut h);
             let out = h["traceparent"].to_str().expect("ascii");
             assert_eq!(out.len(), 55);
             assert!(parse_traceparent(out.as_bytes()).is_some(), "{out}");

@@ -339,11 +339,8 @@ fn begin_record(
         parent_span_id,
         listener: &conn.listener,
         method: req.method(),
-        bytes_in: h
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0),
+        // hyper has parsed `content-length` already (and refused a malformed one).
+        bytes_in: http_body::Body::size_hint(req.body()).exact().unwrap_or(0),
     })
 }
 
@@ -634,13 +631,10 @@ async fn serve(
         }
         headers::add_forwarded(h, &conn.forwarded, host);
         h.insert(&headers::X_REQUEST_ID, request_id.clone());
-        let trace_id = headers::propagate_traceparent(h);
+        let (trace_id, span_id) = headers::propagate_traceparent(h);
         if let Some(r) = record.as_deref_mut() {
             r.trace_id = Some(trace_id);
-            r.span_id = h
-                .get(&headers::TRACEPARENT)
-                .and_then(|v| v.as_bytes().get(36..52))
-                .and_then(|s| <[u8; 16]>::try_from(s).ok());
+            r.span_id = Some(span_id);
         }
         // Never trust a client-supplied thumbprint, whichever listener it came through.
         for name in &shared.reserved_headers {
