@@ -224,23 +224,22 @@ pub async fn handle(
     let mut record = shared
         .telemetry
         .as_ref()
-        .map(|_| Arc::new(begin_record(&conn, &req, &request_id, started.into_std())));
+        .map(|t| begin_record(t, &conn, &req, &request_id, started.into_std()));
 
-    // The record is built where the sinks will read it and filled in place: it is not shared
-    // before it is offered, so `get_mut` always has it.
+    // The record is built where the sinks will read it and filled in place.
     let mut resp = match serve(
         &shared,
         &conn,
         req,
         &request_id,
         &mut ids,
-        record.as_mut().and_then(Arc::get_mut),
+        record.as_deref_mut(),
     )
     .await
     {
         Ok(resp) => resp,
         Err(e) => {
-            if let Some(r) = record.as_mut().and_then(Arc::get_mut) {
+            if let Some(r) = record.as_deref_mut() {
                 r.error_source = e.source().as_str();
                 r.error_reason = e.code();
                 r.set(Text::ErrorMessage, &e.to_string());
@@ -277,22 +276,20 @@ pub async fn handle(
     }
     resp.headers_mut()
         .insert(&headers::X_REQUEST_ID, request_id.clone());
-    if let (Some(t), Some(mut record)) = (shared.telemetry.as_ref(), record) {
-        if let Some(r) = Arc::get_mut(&mut record) {
-            r.status = resp.status().as_u16();
-            r.total_us = started.elapsed().as_micros() as u64;
-            r.bytes_out = http_body::Body::size_hint(resp.body()).exact().unwrap_or(0);
-            if let Some(id) = &ids.api {
-                r.set(Text::ApiId, id);
-            }
-            if let Some(id) = &ids.operation {
-                r.set(Text::OperationId, id);
-            }
-            if let Some(id) = &ids.subscription {
-                r.set(Text::SubscriptionId, id);
-            }
+    if let (Some(t), Some(mut r)) = (shared.telemetry.as_ref(), record) {
+        r.status = resp.status().as_u16();
+        r.total_us = started.elapsed().as_micros() as u64;
+        r.bytes_out = http_body::Body::size_hint(resp.body()).exact().unwrap_or(0);
+        if let Some(id) = &ids.api {
+            r.set(Text::ApiId, id);
         }
-        t.offer(record);
+        if let Some(id) = &ids.operation {
+            r.set(Text::OperationId, id);
+        }
+        if let Some(id) = &ids.subscription {
+            r.set(Text::SubscriptionId, id);
+        }
+        t.offer(r);
     }
     if let Some(path) = log_path {
         tracing::info!(
@@ -313,20 +310,21 @@ pub async fn handle(
     Ok(resp)
 }
 
-/// The parts of a request's telemetry record known when it arrives.
+/// A request's telemetry record, with what is known when it arrives.
 fn begin_record(
+    telemetry: &Telemetry,
     conn: &ConnInfo,
     req: &Request<Incoming>,
     request_id: &HeaderValue,
     at: std::time::Instant,
-) -> Record {
+) -> Box<Record> {
     let h = req.headers();
     let parent_span_id = h
         .get(&headers::TRACEPARENT)
         .and_then(|v| v.as_bytes().split(|&b| b == b'-').nth(2))
         .and_then(|s| <[u8; 16]>::try_from(s).ok())
         .filter(|s| s.iter().all(u8::is_ascii_hexdigit));
-    Record::begin(crate::telemetry::Arrival {
+    telemetry.record(crate::telemetry::Arrival {
         at,
         request_id,
         client_ip: conn.forwarded.ip_value(),

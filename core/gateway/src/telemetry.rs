@@ -1,12 +1,14 @@
-//! Telemetry: one record per request, offered to a bounded queue per sink (full: dropped and
-//! counted, never waited for), exported in batches from a dedicated thread per sink, which
-//! also hands sinks a snapshot of every metric on a schedule. At shutdown every sink gets the
-//! rest of its queue and a flush, within a deadline.
+//! Telemetry: one record per request, offered to a bounded queue (full: dropped and counted,
+//! never waited for). The telemetry thread takes records off it in batches, builds the ABI
+//! views of a batch once and hands the batch to every sink's thread (a sink that has too many
+//! records pending loses the batch, counted); each sink's thread exports its batches and, on
+//! a schedule, a snapshot of every metric. At shutdown every sink gets what is left and a
+//! flush, within a deadline.
 
-use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{
-    sync_channel, Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError,
+    channel, sync_channel, Receiver, RecvTimeoutError, Sender, SyncSender, TryRecvError,
 };
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -180,6 +182,30 @@ fn hex(h: &Option<impl AsRef<[u8]>>) -> RStr<'_> {
 impl Record {
     /// A record of a request that has just arrived.
     pub fn begin(a: Arrival<'_>) -> Record {
+        let mut r = Record {
+            arrived: a.at,
+            text: String::new(),
+            spans: [Span::default(); Text::COUNT],
+            trace_id: None,
+            span_id: None,
+            parent_span_id: None,
+            method: Method::GET,
+            status: 0,
+            backend_status: 0,
+            total_us: 0,
+            backend_us: 0,
+            bytes_in: 0,
+            bytes_out: 0,
+            error_source: "",
+            error_reason: "",
+        };
+        r.restart(a);
+        r
+    }
+
+    /// Makes this record the record of a request that has just arrived, in its own
+    /// allocations: nothing of what it held before is left.
+    pub fn restart(&mut self, a: Arrival<'_>) {
         // Header values are checked as UTF-8 here, once; the path and the listener are text
         // already.
         let parts = [
@@ -193,23 +219,22 @@ impl Record {
         // Room for the backend URL too (scheme, authority and the path again) and the ids
         // the request matches, so that adding them seldom moves the text.
         let room = parts.iter().map(|p| p.len()).sum::<usize>() + a.path.len() + 160;
-        let mut r = Record {
-            arrived: a.at,
-            text: String::with_capacity(room),
-            spans: [Span::default(); Text::COUNT],
-            trace_id: None,
-            span_id: None,
-            parent_span_id: a.parent_span_id,
-            method: a.method.clone(),
-            status: 0,
-            backend_status: 0,
-            total_us: 0,
-            backend_us: 0,
-            bytes_in: a.bytes_in,
-            bytes_out: 0,
-            error_source: "",
-            error_reason: "",
-        };
+        self.text.clear();
+        self.text.reserve(room);
+        self.spans = [Span::default(); Text::COUNT];
+        self.arrived = a.at;
+        self.trace_id = None;
+        self.span_id = None;
+        self.parent_span_id = a.parent_span_id;
+        self.method = a.method.clone();
+        self.status = 0;
+        self.backend_status = 0;
+        self.total_us = 0;
+        self.backend_us = 0;
+        self.bytes_in = a.bytes_in;
+        self.bytes_out = 0;
+        self.error_source = "";
+        self.error_reason = "";
         let fields = [
             Text::RequestId,
             Text::ClientIp,
@@ -219,9 +244,8 @@ impl Record {
             Text::Listener,
         ];
         for (field, part) in fields.into_iter().zip(parts) {
-            r.set(field, part);
+            self.set(field, part);
         }
-        r
     }
 
     /// Sets `field` to `parts` joined: appended to the text (a field set again shows its
@@ -325,22 +349,49 @@ fn prefetch_line(p: *const u8) {
     let _ = p;
 }
 
-/// The longest an idle sink thread blocks on its queue before looking at the stop flag.
+/// The longest the idle telemetry thread blocks on its queue before looking at the stop flag.
 const IDLE_WAIT: Duration = Duration::from_millis(100);
 
-struct Worker {
+/// A batch's views, borrowed from its records.
+type Views<'a> = Vec<RequestRecord<'a>>;
+
+self_cell::self_cell!(
+    /// A batch of records and the ABI views of them, built once by the telemetry thread and
+    /// shared by every sink's thread.
+    struct Batch {
+        owner: Vec<Box<Record>>,
+        #[covariant]
+        dependent: Views,
+    }
+);
+
+/// A sink's end of the telemetry thread: the batches it has not exported yet.
+struct Outlet {
     name: String,
-    queue: SyncSender<Arc<Record>>,
-    done: std::sync::Mutex<Receiver<()>>,
+    batches: Sender<Arc<Batch>>,
+    /// Records handed to the sink and not exported yet (at most the queue capacity).
+    pending: Arc<AtomicUsize>,
 }
 
-/// The sinks and their queues.
+/// What runs a sink, until [`Telemetry::start`] starts the threads.
+struct Waiting {
+    dispatch: Dispatch,
+    runs: Vec<(Run, SyncSender<()>)>,
+}
+
+/// The sinks, their threads and the queue in front of them.
 pub struct Telemetry {
-    workers: Vec<Worker>,
+    /// Records for the telemetry thread.
+    queue: SyncSender<Box<Record>>,
+    /// Records every sink is done with, for requests to fill again: a request then neither
+    /// allocates its record nor frees it on another thread (which costs the allocator more
+    /// than the allocation).
+    pool: crossbeam_channel::Receiver<Box<Record>>,
+    /// Each sink's name and its thread's done signal.
+    sinks: Vec<(String, std::sync::Mutex<Receiver<()>>)>,
     stop: Arc<AtomicBool>,
     shutdown_flush: Duration,
-    /// The sinks until [`Telemetry::start`] starts them, each with its thread's done signal.
-    waiting: std::sync::Mutex<Vec<(Run, SyncSender<()>)>>,
+    waiting: std::sync::Mutex<Option<Waiting>>,
 }
 
 impl std::fmt::Debug for Telemetry {
@@ -348,15 +399,16 @@ impl std::fmt::Debug for Telemetry {
         f.debug_struct("Telemetry")
             .field(
                 "sinks",
-                &self.workers.iter().map(|w| &w.name).collect::<Vec<_>>(),
+                &self.sinks.iter().map(|(n, _)| n).collect::<Vec<_>>(),
             )
             .finish_non_exhaustive()
     }
 }
 
 impl Telemetry {
-    /// Creates every `[[telemetry.sinks]]` entry and its queue; [`Telemetry::start`] starts
-    /// them. `None` without sinks (requests then build no record at all).
+    /// Creates every `[[telemetry.sinks]]` entry and the queue in front of them;
+    /// [`Telemetry::start`] starts them. `None` without sinks (requests then build no record
+    /// at all).
     pub fn new(
         settings: &Settings,
         plugins: &PluginHost,
@@ -376,45 +428,69 @@ impl Telemetry {
             return Ok(None);
         }
         let stop = Arc::new(AtomicBool::new(false));
-        let mut workers = Vec::new();
-        let mut waiting = Vec::new();
+        let (mut outlets, mut runs, mut done) = (Vec::new(), Vec::new(), Vec::new());
         for (name, sink) in sinks {
-            let (queue, rx) = sync_channel(settings.queue_capacity);
-            let (done_tx, done) = sync_channel(1);
-            waiting.push((
+            let (batches, rx) = channel();
+            let pending = Arc::new(AtomicUsize::new(0));
+            let (done_tx, done_rx) = sync_channel(1);
+            runs.push((
                 Run {
                     name: name.clone(),
                     sink,
                     rx,
-                    stop: stop.clone(),
-                    batch_max: settings.batch_max,
-                    flush_every: Duration::from_millis(settings.flush_interval_ms),
+                    pending: pending.clone(),
                     metrics_every: Duration::from_millis(settings.metrics_interval_ms),
                     shutdown_flush: Duration::from_millis(settings.shutdown_flush_ms),
-                    views: Cell::new(Vec::with_capacity(settings.batch_max)),
                 },
                 done_tx,
             ));
-            workers.push(Worker {
-                name,
-                queue,
-                done: std::sync::Mutex::new(done),
+            outlets.push(Outlet {
+                name: name.clone(),
+                batches,
+                pending,
             });
+            done.push((name, std::sync::Mutex::new(done_rx)));
         }
+        let (queue, rx) = sync_channel(settings.queue_capacity);
+        let (returns, pool) = crossbeam_channel::bounded(2 * settings.batch_max);
+        let dispatch = Dispatch {
+            rx,
+            returns,
+            outlets,
+            stop: stop.clone(),
+            capacity: settings.queue_capacity,
+            batch_max: settings.batch_max,
+            flush_every: Duration::from_millis(settings.flush_interval_ms),
+            out: VecDeque::new(),
+            spare: (
+                Vec::with_capacity(settings.batch_max),
+                Vec::with_capacity(settings.batch_max),
+            ),
+        };
         Ok(Some(Telemetry {
-            workers,
+            queue,
+            pool,
+            sinks: done,
             stop,
             shutdown_flush: Duration::from_millis(settings.shutdown_flush_ms),
-            waiting: std::sync::Mutex::new(waiting),
+            waiting: std::sync::Mutex::new(Some(Waiting { dispatch, runs })),
         }))
     }
 
     /// Starts the sinks, once the gateway is ready to serve: each sink starts on its first
     /// call (`outpost check` creates sinks and calls nothing, so that it binds and sends
     /// nothing), which is a snapshot of the metrics as they are then; a sink that cannot start
-    /// (a listen port taken) stops the gateway from starting. Then each sink's thread starts.
+    /// (a listen port taken) stops the gateway from starting. Then each sink's thread starts,
+    /// and the telemetry thread that feeds them.
     pub fn start(&self) -> Result<(), Vec<String>> {
-        let runs = std::mem::take(&mut *self.waiting.lock().unwrap_or_else(|e| e.into_inner()));
+        let Some(Waiting { dispatch, runs }) = self
+            .waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        else {
+            return Ok(());
+        };
         let mut problems = Vec::new();
         for (i, (run, _)) in runs.iter().enumerate() {
             if let RResult::RErr(e) = export_snapshot(&run.sink) {
@@ -445,69 +521,88 @@ impl Telemetry {
                     )]
                 })?;
         }
+        std::thread::Builder::new()
+            .name("outpost-telemetry".into())
+            .spawn(move || dispatch.run())
+            .map_err(|e| vec![format!("cannot start the telemetry thread: {e}")])?;
         Ok(())
     }
 
-    /// Offers a record to every sink; a full queue drops it for that sink and counts it.
-    pub fn offer(&self, record: Arc<Record>) {
-        for w in &self.workers {
-            match w.queue.try_send(record.clone()) {
-                Ok(()) => {}
-                Err(TrySendError::Full(_)) => TELEMETRY_DROPPED.inc(&[&w.name]),
-                Err(TrySendError::Disconnected(_)) => TELEMETRY_DROPPED.inc(&[&w.name]),
+    /// The record of a request that has just arrived: one the sinks are done with, when
+    /// there is one.
+    pub fn record(&self, a: Arrival<'_>) -> Box<Record> {
+        match self.pool.try_recv() {
+            Ok(mut r) => {
+                r.restart(a);
+                r
+            }
+            Err(_) => Box::new(Record::begin(a)),
+        }
+    }
+
+    /// Offers a record to the sinks; a full queue drops it, counted for every sink.
+    pub fn offer(&self, record: Box<Record>) {
+        if self.queue.try_send(record).is_err() {
+            for (name, _) in &self.sinks {
+                TELEMETRY_DROPPED.inc(&[name]);
             }
         }
     }
 
-    /// Stops the sinks: each exports what it has queued and flushes, within the deadline.
+    /// Stops the sinks: each exports what is queued for it and flushes, within the deadline.
     pub fn shutdown(&self) {
         self.stop.store(true, Ordering::Relaxed);
         // Sinks never started have nothing to deliver.
-        drop(std::mem::take(
-            &mut *self.waiting.lock().unwrap_or_else(|e| e.into_inner()),
-        ));
+        drop(
+            self.waiting
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take(),
+        );
         let deadline = Instant::now() + self.shutdown_flush + Duration::from_millis(500);
-        for w in &self.workers {
+        for (name, done) in &self.sinks {
             let left = deadline.saturating_duration_since(Instant::now());
-            let done = w.done.lock().unwrap_or_else(|e| e.into_inner());
+            let done = done.lock().unwrap_or_else(|e| e.into_inner());
             if let Err(RecvTimeoutError::Timeout) = done.recv_timeout(left) {
-                tracing::warn!(sink = %w.name, "Telemetry sink did not finish in time; what it held is lost.");
+                tracing::warn!(sink = %name, "Telemetry sink did not finish in time; what it held is lost.");
             }
         }
     }
 }
 
-struct Run {
-    name: String,
-    sink: SinkBox,
-    rx: Receiver<Arc<Record>>,
+/// The telemetry thread: takes the records off the queue, builds their views once a batch,
+/// and hands the batch to every sink's thread.
+struct Dispatch {
+    rx: Receiver<Box<Record>>,
+    /// Where records every sink is done with go back to ([`Telemetry::record`]).
+    returns: crossbeam_channel::Sender<Box<Record>>,
+    outlets: Vec<Outlet>,
     stop: Arc<AtomicBool>,
+    /// Most records a sink may have pending.
+    capacity: usize,
     batch_max: usize,
     flush_every: Duration,
-    metrics_every: Duration,
-    shutdown_flush: Duration,
-    /// The views of the previous batch's records, kept for their allocation (a batch of
-    /// views is 200 KB).
-    views: Cell<Vec<RequestRecord<'static>>>,
+    /// Batches handed to the sinks, oldest first, taken back for their allocations once
+    /// every sink is done with them.
+    out: VecDeque<Arc<Batch>>,
+    /// The allocations of a batch taken back (a batch of views is 200 KB: allocating it
+    /// anew, the allocator would hand the gateway fresh pages to fault in every batch).
+    spare: (Vec<Box<Record>>, Views<'static>),
 }
 
-/// `v` emptied, as a vector of another lifetime in the same allocation (collecting a
-/// vector's own iterator into items of the same size reuses it).
-#[allow(clippy::unnecessary_filter_map)] // `filter` could not change the items' lifetime
-fn recycle<'a>(mut v: Vec<RequestRecord<'_>>) -> Vec<RequestRecord<'a>> {
-    v.clear();
-    v.into_iter().filter_map(|_| None).collect()
-}
+/// Most batches the telemetry thread keeps to take back; past it, a slow sink's batches are
+/// left to it.
+const OUT_MAX: usize = 4;
 
-impl Run {
-    /// The sink's loop. While records arrive it never blocks on the queue: it wakes on a short
-    /// tick and takes what has arrived, so a busy gateway's `try_send` never has to wake this
-    /// thread (no context switch per request). Idle, it blocks on the queue instead, so an idle
-    /// gateway's sink threads do not wake 50 times a second.
-    fn run(self) {
-        let mut batch: Vec<Arc<Record>> = Vec::with_capacity(self.batch_max);
+impl Dispatch {
+    /// The loop. While records arrive it never blocks on the queue: it wakes on a short tick
+    /// and takes what has arrived, so a busy gateway's `try_send` never has to wake this
+    /// thread (no context switch per request). Idle, it blocks on the queue instead, so an
+    /// idle gateway's telemetry thread does not wake 50 times a second. When it stops, it
+    /// hands on what is left and closes the sinks' queues, which ends their threads.
+    fn run(mut self) {
+        let mut batch: Vec<Box<Record>> = Vec::with_capacity(self.batch_max);
         let mut batch_started = Instant::now();
-        let mut next_metrics = Instant::now() + self.metrics_every;
         let tick = self.flush_every.min(Duration::from_millis(20));
         loop {
             let stopping = self.stop.load(Ordering::Relaxed);
@@ -521,7 +616,7 @@ impl Run {
                         }
                         batch.push(r);
                         if batch.len() >= self.batch_max {
-                            self.export(&mut batch);
+                            self.dispatch(&mut batch);
                         }
                     }
                     Err(TryRecvError::Empty) => break,
@@ -532,28 +627,20 @@ impl Run {
                 }
             }
             if !batch.is_empty() && (stopping || batch_started.elapsed() >= self.flush_every) {
-                self.export(&mut batch);
-            }
-            if Instant::now() >= next_metrics {
-                self.export_metrics();
-                next_metrics = Instant::now() + self.metrics_every;
+                self.dispatch(&mut batch);
             }
             if stopping || disconnected {
                 break;
             }
             if batch.is_empty() && !received {
                 // Idle: wait for the next record instead of ticking (its `try_send` wakes
-                // this thread, once per idle spell), up to the next metrics snapshot and
-                // never so long that a stop waits.
-                let wait = next_metrics
-                    .saturating_duration_since(Instant::now())
-                    .min(IDLE_WAIT);
-                match self.rx.recv_timeout(wait) {
+                // this thread, once per idle spell), never so long that a stop waits.
+                match self.rx.recv_timeout(IDLE_WAIT) {
                     Ok(r) => {
                         batch_started = Instant::now();
                         batch.push(r);
                         if batch.len() >= self.batch_max {
-                            self.export(&mut batch);
+                            self.dispatch(&mut batch);
                         }
                     }
                     Err(RecvTimeoutError::Timeout) => {}
@@ -563,44 +650,141 @@ impl Run {
                 std::thread::sleep(tick);
             }
         }
-        self.export(&mut batch);
+        self.dispatch(&mut batch);
+    }
+
+    /// Hands `records` to every sink that has room for them, as one batch (`records` is left
+    /// empty).
+    fn dispatch(&mut self, records: &mut Vec<Box<Record>>) {
+        if records.is_empty() {
+            return;
+        }
+        self.take_back();
+        let (owner, views) = std::mem::take(&mut self.spare);
+        let owner = std::mem::replace(records, owner);
+        let n = owner.len();
+        let clock = Clock::now();
+        let batch = Arc::new(Batch::new(owner, |records| {
+            let mut views = recycle(views);
+            // Records were written by a request's thread a while ago and are seldom still in
+            // this core's cache: asking for the next ones while this one is read overlaps
+            // the misses. A record's text is asked for later than the record itself, which
+            // says where the text is (by then it has arrived, and finding the text does not
+            // wait for it).
+            for r in records.iter().take(2 * PREFETCH) {
+                r.prefetch_record();
+            }
+            for r in records.iter().take(PREFETCH) {
+                r.prefetch_text();
+            }
+            views.extend(records.iter().enumerate().map(|(i, r)| {
+                if let Some(ahead) = records.get(i + 2 * PREFETCH) {
+                    ahead.prefetch_record();
+                }
+                if let Some(ahead) = records.get(i + PREFETCH) {
+                    ahead.prefetch_text();
+                }
+                r.view(&clock)
+            }));
+            views
+        }));
+        for o in &self.outlets {
+            // Only this thread adds, so the sum cannot pass the capacity in between.
+            if o.pending.load(Ordering::Acquire) + n > self.capacity {
+                TELEMETRY_DROPPED.add(&[&o.name], n as f64);
+                continue;
+            }
+            o.pending.fetch_add(n, Ordering::AcqRel);
+            if o.batches.send(batch.clone()).is_err() {
+                o.pending.fetch_sub(n, Ordering::AcqRel);
+                TELEMETRY_DROPPED.add(&[&o.name], n as f64);
+            }
+        }
+        self.out.push_back(batch);
+        while self.out.len() > OUT_MAX {
+            self.out.pop_front();
+        }
+    }
+
+    /// Takes back the batches every sink is done with, oldest first: their records go back
+    /// to the requests, and the first batch's allocations are kept for the next one.
+    fn take_back(&mut self) {
+        while let Some(b) = self.out.pop_front() {
+            let mut b = match Arc::try_unwrap(b) {
+                Ok(b) => b,
+                Err(b) => {
+                    self.out.push_front(b);
+                    return;
+                }
+            };
+            let mut views = Vec::new();
+            b.with_dependent_mut(|_, v| views = recycle(std::mem::take(v)));
+            let mut records = b.into_owner();
+            for r in records.drain(..) {
+                // A record that held a long URL or message is let go, not kept that large.
+                if r.text.capacity() <= POOLED_TEXT_MAX {
+                    let _ = self.returns.try_send(r);
+                }
+            }
+            if self.spare.1.capacity() == 0 {
+                self.spare = (records, views);
+            }
+        }
+    }
+}
+
+/// The most text a record going back to the requests may have room for.
+const POOLED_TEXT_MAX: usize = 4096;
+
+/// A sink's thread.
+struct Run {
+    name: String,
+    sink: SinkBox,
+    rx: Receiver<Arc<Batch>>,
+    pending: Arc<AtomicUsize>,
+    metrics_every: Duration,
+    shutdown_flush: Duration,
+}
+
+/// `v` emptied, as a vector of another lifetime in the same allocation (collecting a
+/// vector's own iterator into items of the same size reuses it).
+#[allow(clippy::unnecessary_filter_map)] // `filter` could not change the items' lifetime
+fn recycle<'a>(mut v: Vec<RequestRecord<'_>>) -> Vec<RequestRecord<'a>> {
+    v.clear();
+    v.into_iter().filter_map(|_| None).collect()
+}
+
+impl Run {
+    /// The sink's loop: exports each batch as it comes, and the metrics on their schedule;
+    /// between the two it sleeps. Once the telemetry thread has stopped and every batch is
+    /// exported, a last metrics snapshot and a flush.
+    fn run(self) {
+        let mut next_metrics = Instant::now() + self.metrics_every;
+        loop {
+            let wait = next_metrics.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(wait) {
+                Ok(batch) => self.export(&batch),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            if Instant::now() >= next_metrics {
+                self.export_metrics();
+                next_metrics = Instant::now() + self.metrics_every;
+            }
+        }
         self.export_metrics();
         if let RResult::RErr(e) = self.sink.flush(self.shutdown_flush.as_millis() as u64) {
             tracing::warn!(sink = %self.name, error = %e.message, "Telemetry sink flush failed.");
         }
     }
 
-    fn export(&self, batch: &mut Vec<Arc<Record>>) {
-        if batch.is_empty() {
-            return;
-        }
-        let mut views = recycle(self.views.take());
-        let clock = Clock::now();
-        // Records were written by another thread a while ago and are seldom still in this
-        // core's cache: asking for the next ones while this one is read overlaps the misses.
-        // A record's text is asked for later than the record itself, which says where the
-        // text is (by then it has arrived, and finding the text does not wait for it).
-        for r in batch.iter().take(2 * PREFETCH) {
-            r.prefetch_record();
-        }
-        for r in batch.iter().take(PREFETCH) {
-            r.prefetch_text();
-        }
-        views.extend(batch.iter().enumerate().map(|(i, r)| {
-            if let Some(ahead) = batch.get(i + 2 * PREFETCH) {
-                ahead.prefetch_record();
-            }
-            if let Some(ahead) = batch.get(i + PREFETCH) {
-                ahead.prefetch_text();
-            }
-            r.view(&clock)
-        }));
+    fn export(&self, batch: &Batch) {
+        let views = batch.borrow_dependent();
         if let RResult::RErr(e) = self.sink.export(views.as_slice().into()) {
             TELEMETRY_EXPORT_ERRORS.inc(&[&self.name]);
             tracing::warn!(sink = %self.name, records = views.len(), error = %e.message, "Telemetry sink export failed.");
         }
-        self.views.set(recycle(views));
-        batch.clear();
+        self.pending.fetch_sub(views.len(), Ordering::AcqRel);
     }
 
     fn export_metrics(&self) {
@@ -667,6 +851,153 @@ mod tests {
         let again: Vec<RequestRecord<'static>> = recycle(views);
         assert!(again.is_empty());
         assert_eq!((again.as_ptr() as usize, again.capacity()), (at, capacity));
+    }
+
+    fn record(path: &str) -> Box<Record> {
+        let id = HeaderValue::from_static("r");
+        Box::new(Record::begin(Arrival {
+            at: Instant::now(),
+            request_id: &id,
+            client_ip: &id,
+            host: None,
+            path,
+            user_agent: None,
+            parent_span_id: None,
+            listener: "http",
+            method: &Method::GET,
+            bytes_in: 0,
+        }))
+    }
+
+    #[test]
+    fn a_batch_is_viewed_once_shared_by_every_sink_and_its_allocations_come_back() {
+        let (_queue, rx) = sync_channel(8);
+        let mut outlets = Vec::new();
+        let mut sinks = Vec::new();
+        for name in ["a", "b"] {
+            let (batches, rx) = channel();
+            let pending = Arc::new(AtomicUsize::new(0));
+            outlets.push(Outlet {
+                name: name.into(),
+                batches,
+                pending: pending.clone(),
+            });
+            sinks.push((rx, pending));
+        }
+        let (returns, pool) = crossbeam_channel::bounded(8);
+        let mut d = Dispatch {
+            rx,
+            returns,
+            outlets,
+            stop: Arc::new(AtomicBool::new(false)),
+            capacity: 4,
+            batch_max: 8,
+            flush_every: Duration::from_secs(1),
+            out: VecDeque::new(),
+            spare: (Vec::new(), Vec::new()),
+        };
+        let mut records = vec![record("/1"), record("/2"), record("/3")];
+        d.dispatch(&mut records);
+        assert!(records.is_empty());
+        let got: Vec<Arc<Batch>> = sinks.iter().map(|(rx, _)| rx.try_recv().unwrap()).collect();
+        assert!(Arc::ptr_eq(&got[0], &got[1]), "one batch for every sink");
+        let paths: Vec<&str> = got[0]
+            .borrow_dependent()
+            .iter()
+            .map(|v| v.path.as_str())
+            .collect();
+        assert_eq!(paths, ["/1", "/2", "/3"]);
+        assert!(sinks.iter().all(|(_, p)| p.load(Ordering::Relaxed) == 3));
+        let views_at = got[0].borrow_dependent().as_ptr() as usize;
+
+        // Sink a exports its batch; sink b still holds three records, and two more would
+        // pass its capacity of four: b loses the batch, a gets it.
+        let mut got = got;
+        let held_by_b = got.pop().unwrap();
+        drop(got);
+        sinks[0].1.fetch_sub(3, Ordering::Relaxed);
+        d.dispatch(&mut vec![record("/4"), record("/5")]);
+        let second = sinks[0].0.try_recv().unwrap();
+        assert_eq!(second.borrow_dependent()[1].path.as_str(), "/5");
+        assert!(sinks[1].0.try_recv().is_err(), "no room for it at b");
+        assert_eq!(sinks[1].1.load(Ordering::Relaxed), 3);
+        assert_eq!(sinks[0].1.load(Ordering::Relaxed), 2);
+        // The first batch was still b's: the second has allocations of its own.
+        assert_ne!(second.borrow_dependent().as_ptr() as usize, views_at);
+
+        // Every sink done with the first batch: the next one is built in its allocations.
+        drop(held_by_b);
+        drop(second);
+        d.dispatch(&mut vec![record("/6")]);
+        let third = sinks[0].0.try_recv().unwrap();
+        assert_eq!(third.borrow_dependent()[0].path.as_str(), "/6");
+        assert_eq!(third.borrow_dependent().as_ptr() as usize, views_at);
+        // And the records of both batches went back, oldest first.
+        let back: Vec<String> = pool.try_iter().map(|r| r.get(Text::Path).into()).collect();
+        assert_eq!(back, ["/1", "/2", "/3", "/4", "/5"]);
+    }
+
+    #[test]
+    fn a_restarted_record_keeps_nothing_of_its_last_request() {
+        let (id, ip) = (
+            HeaderValue::from_static("req-1"),
+            HeaderValue::from_static("10.1.2.3"),
+        );
+        let agent = HeaderValue::from_static("curl/8");
+        let mut r = Record::begin(arrival(&id, &ip, Some(&agent), "http"));
+        r.trace_id = Some(*b"4bf92f3577b34da6a3ce929d0e0e4736");
+        r.span_id = Some(*b"00f067aa0ba902b7");
+        r.set_backend_url("http", "backend.internal:81", "/v1/orders/42");
+        r.set(Text::ApiId, "orders");
+        r.set(Text::ErrorMessage, "backend said no");
+        (
+            r.status,
+            r.backend_status,
+            r.total_us,
+            r.backend_us,
+            r.bytes_out,
+        ) = (502, 503, 9, 8, 7);
+        (r.error_source, r.error_reason) = ("backend", "timeout");
+        let text_at = r.text.as_ptr();
+
+        let id2 = HeaderValue::from_static("req-2");
+        let mut next = arrival(&id2, &ip, None, "https");
+        next.path = "/x";
+        next.parent_span_id = None;
+        next.method = &Method::GET;
+        next.bytes_in = 0;
+        r.restart(next);
+        assert_eq!(r.text.as_ptr(), text_at, "in the same allocation");
+        let v = r.view(&Clock::now());
+        assert_eq!(v.request_id.as_str(), "req-2");
+        assert_eq!(v.path.as_str(), "/x");
+        assert_eq!(v.listener.as_str(), "https");
+        assert_eq!(v.method.as_str(), "GET");
+        assert_eq!(v.host.as_str(), "api.example:8080");
+        for empty in [
+            v.user_agent,
+            v.trace_id,
+            v.span_id,
+            v.parent_span_id,
+            v.backend_url,
+            v.api_id,
+            v.error_message,
+            v.error_source,
+            v.error_reason,
+        ] {
+            assert_eq!(empty.as_str(), "");
+        }
+        assert_eq!(
+            (
+                v.status,
+                v.backend_status,
+                v.total_us,
+                v.backend_us,
+                v.bytes_in,
+                v.bytes_out
+            ),
+            (0, 0, 0, 0, 0, 0)
+        );
     }
 
     fn arrival<'a>(
