@@ -5,6 +5,10 @@
 //! a schedule, a snapshot of every metric. At shutdown every sink gets what is left and a
 //! flush, within a deadline.
 
+// Records stay boxed from the request to the batch and back: a record moves between threads
+// and vectors as a pointer, and keeps its allocation for the next request.
+#![allow(clippy::vec_box)]
+
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{
@@ -106,7 +110,8 @@ impl Text {
 /// one allocation besides its text, holds nothing of the connection's buffers, counts no
 /// references to strings every request shares (which would have all the gateway's threads
 /// writing to the same memory), and its text is checked as UTF-8 once instead of by every
-/// sink.
+/// sink. Once every sink is done with it, it serves another request ([`Telemetry::record`]),
+/// text buffer included.
 #[derive(Debug, Clone)]
 pub struct Record {
     /// Arrival (turned into wall-clock time when the record is exported: see [`Clock`]).
