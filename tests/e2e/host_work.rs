@@ -508,6 +508,7 @@ async fn telemetry_drops_and_counts_instead_of_blocking_requests() {
     // The stuck sink fell behind and lost records, counted; the other sink's records and
     // drops add up to every request exactly.
     assert!(dropped("stuck") > 0.0, "{all:?}");
+    assert!(dropped("stuck") > dropped("access"), "{all:?}");
     assert_eq!(requests + dropped("access"), f64::from(total), "{all:?}");
 }
 

@@ -457,20 +457,19 @@ impl Telemetry {
             done.push((name, std::sync::Mutex::new(done_rx)));
         }
         let (queue, rx) = sync_channel(settings.queue_capacity);
-        let (returns, pool) = crossbeam_channel::bounded(2 * settings.batch_max);
+        // A batch larger than what a sink may hold would be refused by every sink.
+        let batch_max = settings.batch_max.min(settings.queue_capacity);
+        let (returns, pool) = crossbeam_channel::bounded(2 * batch_max);
         let dispatch = Dispatch {
             rx,
             returns,
             outlets,
             stop: stop.clone(),
             capacity: settings.queue_capacity,
-            batch_max: settings.batch_max,
+            batch_max,
             flush_every: Duration::from_millis(settings.flush_interval_ms),
             out: VecDeque::new(),
-            spare: (
-                Vec::with_capacity(settings.batch_max),
-                Vec::with_capacity(settings.batch_max),
-            ),
+            spare: (Vec::with_capacity(batch_max), Vec::with_capacity(batch_max)),
         };
         Ok(Some(Telemetry {
             queue,
@@ -656,6 +655,14 @@ impl Dispatch {
             }
         }
         self.dispatch(&mut batch);
+        // Records offered after the last look (a request that outlived the drain) are lost:
+        // counted, as a full queue's are.
+        let late = self.rx.try_iter().count();
+        if late > 0 {
+            for o in &self.outlets {
+                TELEMETRY_DROPPED.add(&[&o.name], late as f64);
+            }
+        }
     }
 
     /// Hands `records` to every sink that has room for them, as one batch (`records` is left
@@ -711,15 +718,19 @@ impl Dispatch {
         }
     }
 
-    /// Takes back the batches every sink is done with, oldest first: their records go back
-    /// to the requests, and the first batch's allocations are kept for the next one.
+    /// Takes back the batches every sink is done with, oldest first (a batch a slow sink
+    /// still holds is left, and stops none after it): their records go back to the requests,
+    /// and the first batch's allocations are kept for the next one.
     fn take_back(&mut self) {
-        while let Some(b) = self.out.pop_front() {
+        for _ in 0..self.out.len() {
+            let Some(b) = self.out.pop_front() else {
+                break;
+            };
             let mut b = match Arc::try_unwrap(b) {
                 Ok(b) => b,
-                Err(b) => {
-                    self.out.push_front(b);
-                    return;
+                Err(held) => {
+                    self.out.push_back(held);
+                    continue;
                 }
             };
             let mut views = Vec::new();
@@ -874,33 +885,49 @@ mod tests {
         }))
     }
 
-    #[test]
-    fn a_batch_is_viewed_once_shared_by_every_sink_and_its_allocations_come_back() {
+    type SinkEnd = (Receiver<Arc<Batch>>, Arc<AtomicUsize>);
+
+    /// A telemetry thread's state with `names` sinks that may each hold `capacity` records,
+    /// the sinks' ends and the pool records come back to.
+    fn dispatch_to(
+        names: &[&str],
+        capacity: usize,
+    ) -> (
+        Dispatch,
+        Vec<SinkEnd>,
+        crossbeam_channel::Receiver<Box<Record>>,
+    ) {
         let (_queue, rx) = sync_channel(8);
         let mut outlets = Vec::new();
         let mut sinks = Vec::new();
-        for name in ["a", "b"] {
+        for name in names {
             let (batches, rx) = channel();
             let pending = Arc::new(AtomicUsize::new(0));
             outlets.push(Outlet {
-                name: name.into(),
+                name: (*name).into(),
                 batches,
                 pending: pending.clone(),
             });
             sinks.push((rx, pending));
         }
-        let (returns, pool) = crossbeam_channel::bounded(8);
-        let mut d = Dispatch {
+        let (returns, pool) = crossbeam_channel::bounded(16);
+        let d = Dispatch {
             rx,
             returns,
             outlets,
             stop: Arc::new(AtomicBool::new(false)),
-            capacity: 4,
+            capacity,
             batch_max: 8,
             flush_every: Duration::from_secs(1),
             out: VecDeque::new(),
             spare: (Vec::new(), Vec::new()),
         };
+        (d, sinks, pool)
+    }
+
+    #[test]
+    fn a_batch_is_viewed_once_shared_by_every_sink_and_its_allocations_come_back() {
+        let (mut d, sinks, pool) = dispatch_to(&["a", "b"], 4);
         let mut records = vec![record("/1"), record("/2"), record("/3")];
         d.dispatch(&mut records);
         assert!(records.is_empty());
@@ -940,6 +967,27 @@ mod tests {
         // And the records of both batches went back, oldest first.
         let back: Vec<String> = pool.try_iter().map(|r| r.get(Text::Path).into()).collect();
         assert_eq!(back, ["/1", "/2", "/3", "/4", "/5"]);
+    }
+
+    #[test]
+    fn a_batch_a_slow_sink_holds_does_not_keep_later_batches_from_coming_back() {
+        let (mut d, sinks, pool) = dispatch_to(&["slow"], 64);
+        d.dispatch(&mut vec![record("/1")]);
+        let held = sinks[0].0.try_recv().unwrap();
+        d.dispatch(&mut vec![record("/2")]);
+        drop(sinks[0].0.try_recv().unwrap());
+        d.dispatch(&mut vec![record("/3")]);
+        let back: Vec<String> = pool.try_iter().map(|r| r.get(Text::Path).into()).collect();
+        assert_eq!(
+            back,
+            ["/2"],
+            "the second batch came back past the held first"
+        );
+        drop(held);
+        drop(sinks[0].0.try_recv().unwrap());
+        d.dispatch(&mut vec![record("/4")]);
+        let back: Vec<String> = pool.try_iter().map(|r| r.get(Text::Path).into()).collect();
+        assert_eq!(back, ["/1", "/3"]);
     }
 
     #[test]
