@@ -318,9 +318,18 @@ fn begin_record(
     request_id: &HeaderValue,
     at: std::time::Instant,
 ) -> Box<Record> {
-    let h = req.headers();
-    let parent_span_id = h
-        .get(&headers::TRACEPARENT)
+    // One pass over the headers (a request has few) instead of a hashed lookup for each.
+    let (mut traceparent, mut user_agent, mut host) = (None, None, None);
+    for (name, value) in req.headers() {
+        if name == header::USER_AGENT {
+            user_agent.get_or_insert(value);
+        } else if name == header::HOST {
+            host.get_or_insert(value);
+        } else if name == headers::TRACEPARENT {
+            traceparent.get_or_insert(value);
+        }
+    }
+    let parent_span_id = traceparent
         .and_then(|v| v.as_bytes().split(|&b| b == b'-').nth(2))
         .and_then(|s| <[u8; 16]>::try_from(s).ok())
         .filter(|s| s.iter().all(u8::is_ascii_hexdigit));
@@ -330,10 +339,10 @@ fn begin_record(
         client_ip: conn.forwarded.ip_value(),
         host: match req.uri().authority() {
             Some(a) => Some(a.as_str().as_bytes()),
-            None => h.get(header::HOST).map(HeaderValue::as_bytes),
+            None => host.map(HeaderValue::as_bytes),
         },
         path: req.uri().path(),
-        user_agent: h.get(header::USER_AGENT),
+        user_agent,
         parent_span_id,
         listener: &conn.listener,
         method: req.method(),

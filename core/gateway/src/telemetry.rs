@@ -291,6 +291,16 @@ impl Record {
         }
     }
 
+    /// Asks for the start of the room the record has for text to be brought into the cache
+    /// ahead of writing it (this reads the record, to know where the text is).
+    #[inline]
+    fn prefetch_text_room(&self) {
+        let text = self.text.as_ptr();
+        for line in (0..self.text.capacity().min(256)).step_by(64) {
+            prefetch_line(text.wrapping_add(line));
+        }
+    }
+
     /// Asks for the start of the record's text to be brought into the cache ahead of reading
     /// it (this reads the record, to know where the text is).
     #[inline]
@@ -534,13 +544,31 @@ impl Telemetry {
 
     /// The record of a request that has just arrived: one the sinks are done with, when
     /// there is one.
+    ///
+    /// A record comes back from the sinks long after it was written, and is seldom still in
+    /// the cache: filling it would wait on memory twice (the record, then its text). So each
+    /// thread takes its records from the pool two requests ahead and asks for them to be
+    /// brought into the cache meanwhile: the record one request ahead of the one after it, its
+    /// text when the record is there to say where the text is.
     pub fn record(&self, a: Arrival<'_>) -> Box<Record> {
-        match self.pool.try_recv() {
-            Ok(mut r) => {
+        let r = AHEAD.with_borrow_mut(|[next, after]| {
+            let r = next.take();
+            *next = after.take();
+            if let Some(n) = next {
+                n.prefetch_text_room();
+            }
+            *after = self.pool.try_recv().ok();
+            if let Some(n) = after {
+                n.prefetch_record();
+            }
+            r
+        });
+        match r {
+            Some(mut r) => {
                 r.restart(a);
                 r
             }
-            Err(_) => Box::new(Record::begin(a)),
+            None => Box::new(Record::begin(a)),
         }
     }
 
@@ -747,6 +775,13 @@ impl Dispatch {
             }
         }
     }
+}
+
+thread_local! {
+    /// The records this thread fills next, taken from the pool ahead of time
+    /// ([`Telemetry::record`]): the next one, and the one after it.
+    static AHEAD: std::cell::RefCell<[Option<Box<Record>>; 2]> =
+        const { std::cell::RefCell::new([None, None]) };
 }
 
 /// The most text a record going back to the requests may have room for.
