@@ -551,18 +551,22 @@ impl Telemetry {
     /// brought into the cache meanwhile: the record one request ahead of the one after it, its
     /// text when the record is there to say where the text is.
     pub fn record(&self, a: Arrival<'_>) -> Box<Record> {
-        let r = AHEAD.with_borrow_mut(|[next, after]| {
-            let r = next.take();
-            *next = after.take();
-            if let Some(n) = next {
-                n.prefetch_text_room();
-            }
-            *after = self.pool.try_recv().ok();
-            if let Some(n) = after {
-                n.prefetch_record();
-            }
-            r
-        });
+        let r = AHEAD
+            .try_with(|ahead| {
+                let [next, after] = &mut *ahead.borrow_mut();
+                let r = next.take();
+                *next = after.take();
+                if let Some(n) = next {
+                    n.prefetch_text_room();
+                }
+                *after = self.pool.try_recv().ok();
+                if let Some(n) = after {
+                    n.prefetch_record();
+                }
+                r
+            })
+            // A thread that is ending has no records ahead any more.
+            .unwrap_or_else(|_| self.pool.try_recv().ok());
         match r {
             Some(mut r) => {
                 r.restart(a);
