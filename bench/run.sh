@@ -8,6 +8,7 @@ WARMUP=${BENCH_WARMUP:-2s}
 CONNECTIONS=${BENCH_CONNECTIONS:-64}
 ROUNDS=${BENCH_ROUNDS:-3} # nginx and outpost alternate; the report gives each metric's median
 ONLY_NGINX=${BENCH_ONLY_NGINX:-0}
+RESTART=${BENCH_RESTART:-0} # 1: a fresh process of each Outpost variant for every measured run
 OUTPOST_BIN_SET=${OUTPOST_BIN:-}
 OUTPOST_BIN=${OUTPOST_BIN:-$REPO/target/release/outpost}
 RESULTS=$REPO/bench/results/latest.md
@@ -144,6 +145,47 @@ PID[nginx]=$LAST_PID
 VARIANTS+=(nginx)
 wait_http "http://127.0.0.1:${PORT[nginx]}/bench/small" "${PID[nginx]}" "$TMP/nginx/error.log"
 
+declare -A BIN_OF # each Outpost variant's binary
+
+# launch_outpost NAME: starts the variant's process on its manifest and waits until it answers.
+launch_outpost() {
+  local name=$1 dir=$TMP/$1
+  taskset -c "$PROXY_CPU" env ${OUTPOST_ENV:-} "${BIN_OF[$name]}" run --manifest "$dir/outpost.toml" >>"$dir/outpost.log" 2>&1 &
+  STARTED+=($!)
+  PID[$name]=$!
+  wait_http "http://127.0.0.1:${PORT[$name]}/status-0123456789abcdef" "$!" "$dir/outpost.log"
+  # Idle: ready, no proxied request served yet.
+  RSS_MIB[$name]=$(awk '/^VmRSS:/ { printf "%.1f", $2 / 1024 }' "/proc/${PID[$name]}/status")
+}
+
+declare -A D_REQUESTS D_SENT D_SAMPLED D_LOST # summed over the variant's processes
+# add_delivery NAME: adds what the variant's running process says its sinks delivered (the
+# sinks' own counters as Prometheus shows them, which lag by up to one metrics snapshot).
+add_delivery() {
+  local name=$1 metrics sampled
+  metrics=$(curl -fsS "http://127.0.0.1:${METRICS_PORT[$name]}/metrics") || die "$name: cannot read /metrics"
+  metric_sum() { awk -v m="$1" '$1 ~ "^"m"({|$)" { s += $NF } END { printf "%d", s }' <<<"$metrics"; }
+  sampled=$(awk '/^appinsights_items_dropped_total\{reason="sampling"\}/ { printf "%d", $NF }' <<<"$metrics")
+  sampled=${sampled:-0}
+  D_REQUESTS[$name]=$((${D_REQUESTS[$name]:-0} + $(metric_sum outpost_http_requests_total)))
+  D_SENT[$name]=$((${D_SENT[$name]:-0} + $(metric_sum appinsights_items_sent_total)))
+  D_SAMPLED[$name]=$((${D_SAMPLED[$name]:-0} + sampled))
+  D_LOST[$name]=$((${D_LOST[$name]:-0} + $(metric_sum appinsights_items_dropped_total) - sampled + $(metric_sum outpost_telemetry_dropped_total)))
+}
+
+# restart_outpost NAME: stops the variant's process (after counting what its sinks delivered)
+# and starts a new one on the same manifest and port.
+restart_outpost() {
+  local name=$1
+  if [[ -n ${METRICS_PORT[$name]:-} ]]; then
+    sleep 1.5 # the next metrics snapshot (every second with BENCH_RESTART=1)
+    add_delivery "$name"
+  fi
+  kill -TERM "${PID[$name]}"
+  wait "${PID[$name]}" 2>/dev/null || true
+  launch_outpost "$name"
+}
+
 # start_outpost NAME API_JSON [EXTRA_MANIFEST_TOML]: one more outpost variant, measured against
 # the same nginx.
 start_outpost() {
@@ -169,13 +211,9 @@ type = "file"
 path = "api.json"
 watch_interval_ms = 0
 EOF
-  taskset -c "$PROXY_CPU" env ${OUTPOST_ENV:-} "${BIN:-$OUTPOST_BIN}" run --manifest "$dir/outpost.toml" >"$dir/outpost.log" 2>&1 &
-  STARTED+=($!)
+  BIN_OF[$name]=${BIN:-$OUTPOST_BIN}
   PORT[$name]=$port
-  PID[$name]=$!
-  wait_http "http://127.0.0.1:$port/status-0123456789abcdef" "$!" "$dir/outpost.log"
-  # Idle: ready, no proxied request served yet.
-  RSS_MIB[$name]=$(awk '/^VmRSS:/ { printf "%.1f", $2 / 1024 }' "/proc/${PID[$name]}/status")
+  launch_outpost "$name"
   VARIANTS+=("$name")
 }
 
@@ -314,7 +352,8 @@ config = { path = \"/dev/null\" }"
       IFS='|' read -r name bin ai prom <<<"$t"
       wait_http "http://127.0.0.1:${INGEST_PORT[$name]}/v2.1/track" "$LAST_PID" "$TMP/ingest/error.log"
       METRICS_PORT[$name]=$(free_port)
-      BIN=$bin start_outpost "$name" "$TMP/api.json" "[[plugins]]
+      BIN=$bin start_outpost "$name" "$TMP/api.json" "$([[ $RESTART != 1 ]] || printf '[telemetry]\nmetrics_interval_ms = 1000\n')
+[[plugins]]
 name = \"appinsights\"
 path = \"$ai\"
 
@@ -434,6 +473,7 @@ for size in "${SIZES[@]}"; do
   for ((round = 1; round <= ROUNDS; round++)); do
     for name in "${VARIANTS[@]}"; do
       echo "bench: $name /bench/$size round $round/$ROUNDS ($DURATION, $CONNECTIONS connections)" >&2
+      if [[ $RESTART == 1 && $name != nginx ]]; then restart_outpost "$name"; fi
       measure_proxy "$name" "${PORT[$name]}" "/bench/$size"
     done
   done
@@ -441,21 +481,15 @@ done
 
 declare -A DELIVERY # per two-sink variant: what its sinks delivered, for the report
 if ((${#METRICS_PORT[@]})); then
-  # What the two-sink variants delivered: the sinks' own counters, as Prometheus shows them
-  # once the next metrics snapshot (every 15 s) has been taken.
-  sleep 16
+  # What the two-sink variants delivered, once the next metrics snapshot has been taken
+  # (every 15 s; every second with BENCH_RESTART=1).
+  if [[ $RESTART == 1 ]]; then sleep 1.5; else sleep 16; fi
   for name in "${!METRICS_PORT[@]}"; do
-    METRICS=$(curl -fsS "http://127.0.0.1:${METRICS_PORT[$name]}/metrics")
-    metric_sum() { awk -v m="$1" '$1 ~ "^"m"({|$)" { s += $NF } END { printf "%d", s }' <<<"$METRICS"; }
-    requests=$(metric_sum outpost_http_requests_total)
-    sent=$(metric_sum appinsights_items_sent_total)
-    sampled=$(awk '/^appinsights_items_dropped_total\{reason="sampling"\}/ { printf "%d", $NF }' <<<"$METRICS")
-    sampled=${sampled:-0}
-    lost=$(($(metric_sum appinsights_items_dropped_total) - sampled + $(metric_sum outpost_telemetry_dropped_total)))
+    add_delivery "$name"
     bytes=$(awk '{ s += $1 } END { printf "%d", s }' "$TMP/ingest/track-$name.log")
-    DELIVERY[$name]="$requests requests, $sent items accepted by the ingestion endpoint ($bytes gzip body bytes), $sampled sampled out, $lost lost"
+    DELIVERY[$name]="${D_REQUESTS[$name]} requests, ${D_SENT[$name]} items accepted by the ingestion endpoint ($bytes gzip body bytes), ${D_SAMPLED[$name]} sampled out, ${D_LOST[$name]} lost"
     echo "bench: $name (Application Insights at ${BENCH_AI_SAMPLING:-100} % sampling, $(ai_cap), Prometheus): ${DELIVERY[$name]} (queue or buffer full, refused)" >&2
-    if ((lost > 0)); then
+    if ((D_LOST[$name] > 0)); then
       echo "bench: WARNING: $name lost telemetry, so it measured less work than it should" >&2
     fi
   done
@@ -504,6 +538,7 @@ report() {
   echo "- date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
   local cmd="BENCH_DURATION=$DURATION BENCH_WARMUP=$WARMUP BENCH_CONNECTIONS=$CONNECTIONS BENCH_ROUNDS=$ROUNDS"
   [[ $ONLY_NGINX == 1 ]] && cmd+=" BENCH_ONLY_NGINX=1"
+  [[ $RESTART == 1 ]] && cmd+=" BENCH_RESTART=1"
   [[ -n ${OUTPOST_BIN_SET:-} ]] && cmd+=" OUTPOST_BIN=$OUTPOST_BIN"
   echo "- command: \`$cmd bench/run.sh\`"
   echo "- load: \`${WRK[*]} -d$DURATION http://127.0.0.1:PORT/bench/SIZE\` (after a $WARMUP warm-up); proxy on CPU $PROXY_CPU"
