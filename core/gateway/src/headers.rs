@@ -219,7 +219,7 @@ pub fn propagate_traceparent(headers: &mut HeaderMap) -> ([u8; 32], [u8; 16]) {
         .get(&TRACEPARENT)
         .and_then(|v| parse_traceparent(v.as_bytes()))
     {
-        Some((t, f)) => {
+        Some((t, _, f)) => {
             trace_id = t;
             flags = f;
         }
@@ -259,8 +259,15 @@ pub fn propagate_traceparent(headers: &mut HeaderMap) -> ([u8; 32], [u8; 16]) {
     (trace_id, span_id)
 }
 
-/// Parses `version-traceid-parentid-flags`; `None` when invalid (W3C Trace Context §3.2).
-fn parse_traceparent(v: &[u8]) -> Option<([u8; 32], [u8; 2])> {
+/// The client's span id in a `traceparent` the gateway continues (see
+/// [`propagate_traceparent`]); `None` for an invalid one, whose trace the gateway replaces.
+pub fn traceparent_parent(v: &HeaderValue) -> Option<[u8; 16]> {
+    parse_traceparent(v.as_bytes()).map(|(_, parent, _)| parent)
+}
+
+/// Parses `version-traceid-parentid-flags` into the trace id, the parent id and the flags;
+/// `None` when invalid (W3C Trace Context §3.2).
+fn parse_traceparent(v: &[u8]) -> Option<([u8; 32], [u8; 16], [u8; 2])> {
     if v.len() < 55 || v[2] != b'-' || v[35] != b'-' || v[52] != b'-' {
         return None;
     }
@@ -284,9 +291,10 @@ fn parse_traceparent(v: &[u8]) -> Option<([u8; 32], [u8; 2])> {
     if trace.iter().all(|b| *b == b'0') || parent.iter().all(|b| *b == b'0') {
         return None;
     }
-    let mut t = [0u8; 32];
+    let (mut t, mut p) = ([0u8; 32], [0u8; 16]);
     t.copy_from_slice(trace);
-    Some((t, [flags[0], flags[1]]))
+    p.copy_from_slice(parent);
+    Some((t, p, [flags[0], flags[1]]))
 }
 
 fn hex_byte(b: u8, out: &mut [u8]) {
@@ -409,6 +417,10 @@ mod tests {
     fn traceparent_is_continued_with_a_new_span() {
         let incoming = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
         let mut h = map(&[("traceparent", incoming)]);
+        assert_eq!(
+            traceparent_parent(&h["traceparent"]),
+            Some(*b"00f067aa0ba902b7")
+        );
         let (trace, span) = propagate_traceparent(&mut h);
         assert_eq!(&trace, b"4bf92f3577b34da6a3ce929d0e0e4736");
         let out = h["traceparent"].to_str().expect("ascii");
@@ -427,6 +439,7 @@ mod tests {
             "garbage",
         ] {
             let mut h = map(&[("traceparent", bad)]);
+            assert_eq!(traceparent_parent(&h["traceparent"]), None, "{bad}");
             let (trace, _) = propagate_traceparent(&mut h);
             let out = h["traceparent"].to_str().expect("ascii");
             assert_eq!(out.len(), 55);

@@ -329,10 +329,8 @@ fn begin_record(
             traceparent.get_or_insert(value);
         }
     }
-    let parent_span_id = traceparent
-        .and_then(|v| v.as_bytes().split(|&b| b == b'-').nth(2))
-        .and_then(|s| <[u8; 16]>::try_from(s).ok())
-        .filter(|s| s.iter().all(u8::is_ascii_hexdigit));
+    // The client's span is the parent only when the gateway continues its trace.
+    let parent_span_id = traceparent.and_then(headers::traceparent_parent);
     telemetry.record(crate::telemetry::Arrival {
         at,
         request_id,

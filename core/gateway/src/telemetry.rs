@@ -1031,15 +1031,8 @@ mod tests {
 
     #[test]
     fn a_restarted_record_keeps_nothing_of_its_last_request() {
-        let (id, ip) = (
-            HeaderValue::from_static("req-1"),
-            HeaderValue::from_static("10.1.2.3"),
-        );
-        let agent = HeaderValue::from_static("curl/8");
-        let mut r = Record::begin(arrival(&id, &ip, Some(&agent), "http"));
-        r.trace_id = Some(*b"4bf92f3577b34da6a3ce929d0e0e4736");
+        let mut r = forwarded_record();
         r.span_id = Some(*b"00f067aa0ba902b7");
-        r.set_backend_url("http", "backend.internal:81", "/v1/orders/42");
         r.set(Text::ApiId, "orders");
         r.set(Text::ErrorMessage, "backend said no");
         (
@@ -1052,7 +1045,10 @@ mod tests {
         (r.error_source, r.error_reason) = ("backend", "timeout");
         let text_at = r.text.as_ptr();
 
-        let id2 = HeaderValue::from_static("req-2");
+        let (id2, ip) = (
+            HeaderValue::from_static("req-2"),
+            HeaderValue::from_static("10.1.2.3"),
+        );
         let mut next = arrival(&id2, &ip, None, "https");
         next.path = "/x";
         next.parent_span_id = None;
@@ -1092,6 +1088,20 @@ mod tests {
         );
     }
 
+    /// The record of `req-1` from 10.1.2.3 (`curl/8`) on `http`, told its trace id and then
+    /// its backend URL.
+    fn forwarded_record() -> Record {
+        let (id, ip, agent) = (
+            HeaderValue::from_static("req-1"),
+            HeaderValue::from_static("10.1.2.3"),
+            HeaderValue::from_static("curl/8"),
+        );
+        let mut r = Record::begin(arrival(&id, &ip, Some(&agent), "http"));
+        r.trace_id = Some(*b"4bf92f3577b34da6a3ce929d0e0e4736");
+        r.set_backend_url("http", "backend.internal:81", "/v1/orders/42");
+        r
+    }
+
     fn arrival<'a>(
         id: &'a HeaderValue,
         ip: &'a HeaderValue,
@@ -1114,15 +1124,8 @@ mod tests {
 
     #[test]
     fn a_record_shows_what_it_was_told_as_it_learns_it() {
-        let (id, ip) = (
-            HeaderValue::from_static("req-1"),
-            HeaderValue::from_static("10.1.2.3"),
-        );
-        let agent = HeaderValue::from_static("curl/8");
-        let mut r = Record::begin(arrival(&id, &ip, Some(&agent), "http"));
-        r.trace_id = Some(*b"4bf92f3577b34da6a3ce929d0e0e4736");
         // Strings added later land after the first ones and leave them as they were.
-        r.set_backend_url("http", "backend.internal:81", "/v1/orders/42");
+        let mut r = forwarded_record();
         r.set(Text::Cache, "hit");
         r.set(Text::ErrorMessage, "backend said \"no\" — twice");
         r.set(Text::ApiId, "orders");
