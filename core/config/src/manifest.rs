@@ -316,9 +316,9 @@ pub struct Telemetry {
     /// Records queued per sink; when a sink falls this far behind, new records for it are
     /// dropped and counted (`outpost_telemetry_dropped_total`). Default 16384.
     pub queue_capacity: usize,
-    /// Most records per `export` call. Default 512.
+    /// Most records per `export` call. Default 4096.
     pub batch_max: usize,
-    /// A partial batch is exported after waiting this long. Default 1000 ms.
+    /// A batch of fewer than 256 records is exported after waiting this long. Default 1000 ms.
     pub flush_interval_ms: u64,
     /// Metric snapshots go to sinks this often. Default 15000 ms.
     pub metrics_interval_ms: u64,
@@ -332,7 +332,7 @@ impl Default for Telemetry {
     fn default() -> Self {
         Self {
             queue_capacity: 16_384,
-            batch_max: 512,
+            batch_max: 4_096,
             flush_interval_ms: 1_000,
             metrics_interval_ms: 15_000,
             shutdown_flush_ms: 5_000,
