@@ -400,7 +400,7 @@ pub struct Telemetry {
     /// Records every sink is done with, for requests to fill again: a request then neither
     /// allocates its record nor frees it on another thread (which costs the allocator more
     /// than the allocation).
-    pool: crossbeam_channel::Receiver<Box<Record>>,
+    pool: Arc<Pool>,
     /// Each sink's name and its thread's done signal.
     sinks: Vec<(String, std::sync::Mutex<Receiver<()>>)>,
     stop: Arc<AtomicBool>,
@@ -442,14 +442,8 @@ impl Telemetry {
             return Ok(None);
         }
         let stop = Arc::new(AtomicBool::new(false));
-        // A batch larger than what a sink may hold would be refused by every sink.
-        let batch_max = settings.batch_max.min(settings.queue_capacity);
-        let (records, pool) = crossbeam_channel::bounded(POOL_MAX.min(2 * batch_max));
-        let (spares_tx, spares) = crossbeam_channel::bounded(SPARES);
-        let returns = Arc::new(Returns {
-            records,
-            spares: spares_tx,
-        });
+        let batch_max = batch_max(settings);
+        let (returns, pool, spares) = Returns::new(batch_max);
         let (mut outlets, mut runs, mut done) = (Vec::new(), Vec::new(), Vec::new());
         for (name, sink) in sinks {
             let (batches, rx) = channel();
@@ -549,8 +543,9 @@ impl Telemetry {
     /// The record of a request that has just arrived: one the sinks are done with, when
     /// there is one.
     ///
-    /// A record comes back from the sinks long after it was written, and is seldom still in
-    /// the cache: filling it would wait on memory twice (the record, then its text). So each
+    /// A record comes back from the sinks a tick after it was written, and is often out of
+    /// this core's nearest caches: filling it would wait on memory twice (the record, then
+    /// its text). So each
     /// thread takes its records from the pool two requests ahead and asks for them to be
     /// brought into the cache meanwhile: the record one request ahead of the one after it, its
     /// text when the record is there to say where the text is.
@@ -563,14 +558,14 @@ impl Telemetry {
                 if let Some(n) = next {
                     n.prefetch_text_room();
                 }
-                *after = self.pool.try_recv().ok();
+                *after = self.pool.take();
                 if let Some(n) = after {
                     n.prefetch_record();
                 }
                 r
             })
             // A thread that is ending has no records ahead any more.
-            .unwrap_or_else(|_| self.pool.try_recv().ok());
+            .unwrap_or_else(|_| self.pool.take());
         match r {
             Some(mut r) => {
                 r.restart(a);
@@ -616,9 +611,9 @@ struct Dispatch {
     rx: Receiver<Box<Record>>,
     /// Where batches every sink is done with go.
     returns: Arc<Returns>,
-    /// The allocations of batches every sink is done with (a batch of views is 200 KB:
-    /// allocating it anew, the allocator would hand the gateway fresh pages to fault in
-    /// every batch).
+    /// The allocations of batches every sink is done with (a busy gateway's batch of views is
+    /// a few hundred KB: allocating it anew, the allocator would hand the gateway fresh pages
+    /// to fault in every batch).
     spares: crossbeam_channel::Receiver<Spare>,
     outlets: Vec<Outlet>,
     stop: Arc<AtomicBool>,
@@ -626,6 +621,13 @@ struct Dispatch {
     capacity: usize,
     batch_max: usize,
     flush_every: Duration,
+}
+
+/// The most records per batch: `batch_max`, and at most a quarter of what a sink may hold (so
+/// that a sink has room for a few batches: one batch that big would be refused by a sink
+/// with anything pending).
+fn batch_max(settings: &Settings) -> usize {
+    settings.batch_max.min((settings.queue_capacity / 4).max(1))
 }
 
 /// Records a tick of the telemetry thread hands on without waiting for `flush_interval_ms`:
@@ -641,15 +643,65 @@ type Spare = (Vec<Box<Record>>, Views<'static>);
 /// Where a batch goes once every sink is done with it: its records back to the requests
 /// ([`Telemetry::record`]), its allocations back to the telemetry thread for the next batch.
 struct Returns {
-    records: crossbeam_channel::Sender<Box<Record>>,
+    pool: Arc<Pool>,
     spares: crossbeam_channel::Sender<Spare>,
 }
 
+/// Records every sink is done with, for requests to fill again, the last given back on top.
+///
+/// Last in, first out: a request takes the record the sinks read last, the likeliest to be
+/// in the cache still, and records below what a busy gateway cycles through lie untouched.
+/// First in, first out, every record the pool ever held would take its turn, out of the
+/// cache: and as a request allocates a record whenever the pool is empty, the records a
+/// gateway holds only ever grow, up to the bound, with every delay of the telemetry thread.
+struct Pool {
+    records: std::sync::Mutex<Vec<Box<Record>>>,
+    max: usize,
+}
+
+impl Pool {
+    fn new(max: usize) -> Pool {
+        Pool {
+            records: std::sync::Mutex::new(Vec::new()),
+            max,
+        }
+    }
+
+    /// The record given back last, if any.
+    fn take(&self) -> Option<Box<Record>> {
+        self.records.lock().unwrap_or_else(|e| e.into_inner()).pop()
+    }
+
+    /// Adds `records` (emptied), the last on top; those past the bound, the first ones, are
+    /// let go (once the pool is unlocked).
+    fn put(&self, records: &mut Vec<Box<Record>>) {
+        {
+            let mut pool = self.records.lock().unwrap_or_else(|e| e.into_inner());
+            let room = self.max.saturating_sub(pool.len()).min(records.len());
+            pool.extend(records.drain(records.len() - room..));
+        }
+        records.clear();
+    }
+}
+
 impl Returns {
+    /// Where batches go, the pool requests take records from, and the spare allocations
+    /// the telemetry thread builds batches in.
+    fn new(batch_max: usize) -> (Arc<Returns>, Arc<Pool>, crossbeam_channel::Receiver<Spare>) {
+        let pool = Arc::new(Pool::new(POOL_MAX.min(2 * batch_max)));
+        let (spares_tx, spares) = crossbeam_channel::bounded(SPARES);
+        let returns = Returns {
+            pool: pool.clone(),
+            spares: spares_tx,
+        };
+        (Arc::new(returns), pool, spares)
+    }
+
     /// Lets go of `batch`, and gives it back if no one else holds it: the last sink to export
-    /// it gives it back (as soon as it is done, so that its records come back to the
-    /// requests while they may still be in the cache), or the telemetry thread, when no
-    /// sink had room for it. A batch a slow sink holds keeps no other from coming back.
+    /// it gives it back, as soon as it is done (a tick sooner than the telemetry thread
+    /// would), or the telemetry thread, when no sink had room for it or every sink was done
+    /// before it let go. A batch a slow sink holds keeps no other from coming back. Records
+    /// past the pool's bound, or with room for a long text, are let go.
     fn give_back(&self, batch: Arc<Batch>) {
         let Some(mut batch) = Arc::into_inner(batch) else {
             return;
@@ -657,12 +709,9 @@ impl Returns {
         let mut views = Vec::new();
         batch.with_dependent_mut(|_, v| views = recycle(std::mem::take(v)));
         let mut records = batch.into_owner();
-        for r in records.drain(..) {
-            // A record that held a long URL or message is let go, not kept that large.
-            if r.text.capacity() <= POOLED_TEXT_MAX {
-                let _ = self.records.try_send(r);
-            }
-        }
+        // A record that held a long URL or message is let go, not kept that large.
+        records.retain(|r| r.text.capacity() <= POOLED_TEXT_MAX);
+        self.pool.put(&mut records);
         let _ = self.spares.try_send((records, views));
     }
 }
@@ -801,7 +850,9 @@ thread_local! {
 
 /// Most records kept for requests to fill again: what a busy gateway's requests take between
 /// two looks of the telemetry thread (20 ms at 100 000 requests a second), with room to spare.
-/// Past it, records are let go: a burst does not leave the gateway holding its records.
+/// Past it, records are let go, so what a burst leaves held is bounded: 4096 records of about
+/// 300 bytes, plus the text each has room for (at most [`POOLED_TEXT_MAX`], typically a few
+/// hundred bytes).
 const POOL_MAX: usize = 4096;
 
 /// The most text a record going back to the requests may have room for.
@@ -948,15 +999,17 @@ mod tests {
 
     /// A telemetry thread's state with `names` sinks that may each hold `capacity` records,
     /// the sinks' ends and the pool records come back to.
-    fn dispatch_to(
+    fn dispatch_to(names: &[&str], capacity: usize) -> (Dispatch, Vec<SinkEnd>, Arc<Pool>) {
+        let (d, _queue, sinks, pool) = running_to(names, capacity);
+        (d, sinks, pool)
+    }
+
+    /// [`dispatch_to`], and the queue in front of the telemetry thread.
+    fn running_to(
         names: &[&str],
         capacity: usize,
-    ) -> (
-        Dispatch,
-        Vec<SinkEnd>,
-        crossbeam_channel::Receiver<Box<Record>>,
-    ) {
-        let (_queue, rx) = sync_channel(8);
+    ) -> (Dispatch, SyncSender<Box<Record>>, Vec<SinkEnd>, Arc<Pool>) {
+        let (queue, rx) = sync_channel(1024);
         let mut outlets = Vec::new();
         let mut sinks = Vec::new();
         for name in names {
@@ -969,14 +1022,10 @@ mod tests {
             });
             sinks.push((rx, pending));
         }
-        let (records, pool) = crossbeam_channel::bounded(16);
-        let (spares_tx, spares) = crossbeam_channel::bounded(SPARES);
+        let (returns, pool, spares) = Returns::new(8);
         let d = Dispatch {
             rx,
-            returns: Arc::new(Returns {
-                records,
-                spares: spares_tx,
-            }),
+            returns,
             spares,
             outlets,
             stop: Arc::new(AtomicBool::new(false)),
@@ -984,7 +1033,7 @@ mod tests {
             batch_max: 8,
             flush_every: Duration::from_secs(1),
         };
-        (d, sinks, pool)
+        (d, queue, sinks, pool)
     }
 
     /// A sink's thread done with `batch`, as [`Run::run`] is.
@@ -994,8 +1043,11 @@ mod tests {
         d.returns.give_back(batch);
     }
 
-    fn paths(pool: &crossbeam_channel::Receiver<Box<Record>>) -> Vec<String> {
-        pool.try_iter().map(|r| r.get(Text::Path).into()).collect()
+    /// The paths of the records in the pool, in the order requests take them.
+    fn paths(pool: &Pool) -> Vec<String> {
+        std::iter::from_fn(|| pool.take())
+            .map(|r| r.get(Text::Path).into())
+            .collect()
     }
 
     #[test]
@@ -1031,9 +1083,9 @@ mod tests {
 
         // The last sink done with a batch gives it back at once.
         exported(&d, &sinks[1], held_by_b);
-        assert_eq!(paths(&pool), ["/1", "/2", "/3"]);
         exported(&d, &sinks[0], second);
-        assert_eq!(paths(&pool), ["/4", "/5"]);
+        // The record given back last is taken first.
+        assert_eq!(paths(&pool), ["/5", "/4", "/3", "/2", "/1"]);
         assert!(sinks.iter().all(|(_, p)| p.load(Ordering::Relaxed) == 0));
         // The next batch is built in the allocations of the first one given back.
         d.dispatch(&mut vec![record("/6")]);
@@ -1043,11 +1095,55 @@ mod tests {
     }
 
     #[test]
+    fn a_tick_with_enough_records_hands_them_on_without_waiting_for_the_flush_interval() {
+        let (mut d, queue, sinks, _pool) = running_to(&["a"], 4096);
+        d.batch_max = 4096;
+        d.flush_every = Duration::from_secs(3600);
+        let stop = d.stop.clone();
+        for i in 0..HAND_ON - 1 {
+            queue.send(record(&format!("/{i}"))).unwrap();
+        }
+        let thread = std::thread::spawn(move || d.run());
+        // Several ticks: fewer records than a tick hands on wait for the flush interval.
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(sinks[0].0.try_recv().is_err(), "nothing handed on yet");
+        queue.send(record("/last")).unwrap();
+        let batch = sinks[0].0.recv_timeout(Duration::from_secs(30)).unwrap();
+        let views = batch.borrow_dependent();
+        assert_eq!(views.len(), HAND_ON, "one batch of every record");
+        assert_eq!(views[0].path.as_str(), "/0");
+        assert_eq!(views[HAND_ON - 1].path.as_str(), "/last");
+        stop.store(true, Ordering::Relaxed);
+        drop(queue);
+        thread.join().unwrap();
+    }
+
+    #[test]
+    fn batches_are_at_most_a_quarter_of_what_a_sink_may_hold_and_the_pool_is_bounded() {
+        let settings = |queue_capacity, batch_max| Settings {
+            queue_capacity,
+            batch_max,
+            ..Settings::default()
+        };
+        assert_eq!(batch_max(&Settings::default()), 4096);
+        assert_eq!(batch_max(&settings(1000, 4096)), 250);
+        assert_eq!(batch_max(&settings(1000, 100)), 100);
+        assert_eq!(batch_max(&settings(2, 1)), 1);
+        assert_eq!(batch_max(&settings(1, 4096)), 1);
+        assert_eq!(Returns::new(8).1.max, 16);
+        assert_eq!(Returns::new(4096).1.max, POOL_MAX);
+        // Past the bound, the records given back first are let go.
+        let pool = Pool::new(2);
+        pool.put(&mut vec![record("/1"), record("/2"), record("/3")]);
+        assert_eq!(paths(&pool), ["/3", "/2"]);
+    }
+
+    #[test]
     fn a_batch_no_sink_had_room_for_comes_back_at_once() {
         let (mut d, sinks, pool) = dispatch_to(&["full"], 1);
         d.dispatch(&mut vec![record("/1"), record("/2")]);
         assert!(sinks[0].0.try_recv().is_err());
-        assert_eq!(paths(&pool), ["/1", "/2"]);
+        assert_eq!(paths(&pool), ["/2", "/1"]);
     }
 
     #[test]

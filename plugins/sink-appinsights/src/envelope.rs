@@ -127,10 +127,13 @@ pub fn sampled_in(operation_id: &str, percentage: f64) -> bool {
     (sampling_score(operation_id) as f64) / 1000.0 < percentage
 }
 
-/// An operation id's place in `0..100_000`, the same in every process and version: its bytes
-/// read 8 at a time, each word mixed in by a multiply, and the result finished with
-/// SplitMix64's mixer. A byte at a time (FNV-1a), a 32-digit trace id cost a chain of 32
-/// dependent multiplies for every request, the many sampled out included.
+/// An operation id's place in `0..100_000`, the same in every process, and fixed from
+/// 2026-11-25 on (pinned by a test): seeded with the id's length, its bytes read 8 at a time
+/// (little-endian), each word xored in, multiplied by 0x9e3779b97f4a7c15 and xor-shifted
+/// right by 29; the bytes left over a byte at a time as FNV-1a; then `h ^= h >> 33;
+/// h *= 0xff51afd7ed558ccd; h ^= h >> 33` (the first half of MurmurHash3's finalizer).
+/// Before, the whole id went a byte at a time (FNV-1a): a 32-digit trace id cost a chain of
+/// 32 dependent multiplies for every request, the many sampled out included.
 pub fn sampling_score(operation_id: &str) -> u64 {
     let bytes = operation_id.as_bytes();
     let mut h = 0xcbf2_9ce4_8422_2325 ^ bytes.len() as u64;
