@@ -667,9 +667,14 @@ impl Pool {
         }
     }
 
-    /// The record given back last, if any.
+    /// The record given back last, if any. Never waits: while a sink's thread is giving
+    /// records back (or another request is taking one), the request allocates its record.
     fn take(&self) -> Option<Box<Record>> {
-        self.records.lock().unwrap_or_else(|e| e.into_inner()).pop()
+        match self.records.try_lock() {
+            Ok(mut records) => records.pop(),
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner().pop(),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
     }
 
     /// Adds `records` (emptied), the last on top; those past the bound, the first ones, are
@@ -1135,6 +1140,10 @@ mod tests {
         // Past the bound, the records given back first are let go.
         let pool = Pool::new(2);
         pool.put(&mut vec![record("/1"), record("/2"), record("/3")]);
+        // A request that finds the pool busy does not wait for it.
+        let busy = pool.records.lock().unwrap();
+        assert!(pool.take().is_none());
+        drop(busy);
         assert_eq!(paths(&pool), ["/3", "/2"]);
     }
 
