@@ -208,19 +208,31 @@ pub fn request_id(headers: &HeaderMap) -> HeaderValue {
     HeaderValue::from_bytes(&out).expect("hex and dashes are valid header bytes")
 }
 
+/// This hop's trace context, for logs and telemetry: lowercase hex.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hop {
+    /// The trace id.
+    pub trace_id: [u8; 32],
+    /// The gateway's span id (the parent id it sends the backend).
+    pub span_id: [u8; 16],
+    /// The client's span id, when the gateway continues the client's trace.
+    pub parent_id: Option<[u8; 16]>,
+}
+
 /// W3C trace context for this hop: a valid incoming `traceparent` keeps its trace id and
 /// flags and gets a new parent id (the gateway's span); an absent or invalid one is replaced
-/// by a new trace. Returns the trace id (32 hex) and the gateway's span id (16 hex), for logs
-/// and telemetry. `tracestate` passes through.
-pub fn propagate_traceparent(headers: &mut HeaderMap) -> ([u8; 32], [u8; 16]) {
+/// by a new trace. `tracestate` passes through.
+pub fn propagate_traceparent(headers: &mut HeaderMap) -> Hop {
     let mut trace_id = [0u8; 32];
     let mut flags = *b"01";
+    let mut parent_id = None;
     match headers
         .get(&TRACEPARENT)
         .and_then(|v| parse_traceparent(v.as_bytes()))
     {
-        Some((t, _, f)) => {
+        Some((t, p, f)) => {
             trace_id = t;
+            parent_id = Some(p);
             flags = f;
         }
         None => {
@@ -256,13 +268,11 @@ pub fn propagate_traceparent(headers: &mut HeaderMap) -> ([u8; 32], [u8; 16]) {
     );
     let mut span_id = [0u8; 16];
     span_id.copy_from_slice(&out[36..52]);
-    (trace_id, span_id)
-}
-
-/// The client's span id in a `traceparent` the gateway continues (see
-/// [`propagate_traceparent`]); `None` for an invalid one, whose trace the gateway replaces.
-pub fn traceparent_parent(v: &HeaderValue) -> Option<[u8; 16]> {
-    parse_traceparent(v.as_bytes()).map(|(_, parent, _)| parent)
+    Hop {
+        trace_id,
+        span_id,
+        parent_id,
+    }
 }
 
 /// Parses `version-traceid-parentid-flags` into the trace id, the parent id and the flags;
@@ -417,12 +427,13 @@ mod tests {
     fn traceparent_is_continued_with_a_new_span() {
         let incoming = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
         let mut h = map(&[("traceparent", incoming)]);
-        assert_eq!(
-            traceparent_parent(&h["traceparent"]),
-            Some(*b"00f067aa0ba902b7")
-        );
-        let (trace, span) = propagate_traceparent(&mut h);
+        let Hop {
+            trace_id: trace,
+            span_id: span,
+            parent_id,
+        } = propagate_traceparent(&mut h);
         assert_eq!(&trace, b"4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(parent_id, Some(*b"00f067aa0ba902b7"));
         let out = h["traceparent"].to_str().expect("ascii");
         assert!(out.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"));
         assert_eq!(&out.as_bytes()[36..52], &span);
@@ -439,8 +450,9 @@ mod tests {
             "garbage",
         ] {
             let mut h = map(&[("traceparent", bad)]);
-            assert_eq!(traceparent_parent(&h["traceparent"]), None, "{bad}");
-            let (trace, _) = propagate_traceparent(&mut h);
+            let hop = propagate_traceparent(&mut h);
+            assert_eq!(hop.parent_id, None, "{bad}");
+            let trace = hop.trace_id;
             let out = h["traceparent"].to_str().expect("ascii");
             assert_eq!(out.len(), 55);
             assert!(parse_traceparent(out.as_bytes()).is_some(), "{out}");

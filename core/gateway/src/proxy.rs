@@ -319,18 +319,14 @@ fn begin_record(
     at: std::time::Instant,
 ) -> Box<Record> {
     // One pass over the headers (a request has few) instead of a hashed lookup for each.
-    let (mut traceparent, mut user_agent, mut host) = (None, None, None);
+    let (mut user_agent, mut host) = (None, None);
     for (name, value) in req.headers() {
         if name == header::USER_AGENT {
             user_agent.get_or_insert(value);
         } else if name == header::HOST {
             host.get_or_insert(value);
-        } else if name == headers::TRACEPARENT {
-            traceparent.get_or_insert(value);
         }
     }
-    // The client's span is the parent only when the gateway continues its trace.
-    let parent_span_id = traceparent.and_then(headers::traceparent_parent);
     telemetry.record(crate::telemetry::Arrival {
         at,
         request_id,
@@ -341,7 +337,6 @@ fn begin_record(
         },
         path: req.uri().path(),
         user_agent,
-        parent_span_id,
         listener: &conn.listener,
         method: req.method(),
         // hyper has parsed `content-length` already (and refused a malformed one).
@@ -636,10 +631,12 @@ async fn serve(
         }
         headers::add_forwarded(h, &conn.forwarded, host);
         h.insert(&headers::X_REQUEST_ID, request_id.clone());
-        let (trace_id, span_id) = headers::propagate_traceparent(h);
+        let hop = headers::propagate_traceparent(h);
         if let Some(r) = record.as_deref_mut() {
-            r.trace_id = Some(trace_id);
-            r.span_id = Some(span_id);
+            r.trace_id = Some(hop.trace_id);
+            r.span_id = Some(hop.span_id);
+            // The client's span is the parent only when the gateway continues its trace.
+            r.parent_span_id = hop.parent_id;
         }
         // Never trust a client-supplied thumbprint, whichever listener it came through.
         for name in &shared.reserved_headers {

@@ -123,7 +123,8 @@ pub struct Record {
     pub trace_id: Option<[u8; 32]>,
     /// Span id towards the backend (16 hex), once known.
     pub span_id: Option<[u8; 16]>,
-    /// The client's span id (16 hex), when it sent one.
+    /// The client's span id (16 hex), once known, when the gateway continues the client's
+    /// trace.
     pub parent_span_id: Option<[u8; 16]>,
     /// Method.
     pub method: Method,
@@ -160,8 +161,6 @@ pub struct Arrival<'a> {
     pub path: &'a str,
     /// User agent.
     pub user_agent: Option<&'a HeaderValue>,
-    /// The client's span id, when it sent one.
-    pub parent_span_id: Option<[u8; 16]>,
     /// Listener.
     pub listener: &'a str,
     /// Method.
@@ -229,7 +228,7 @@ impl Record {
         self.arrived = a.at;
         self.trace_id = None;
         self.span_id = None;
-        self.parent_span_id = a.parent_span_id;
+        self.parent_span_id = None;
         self.method = a.method.clone();
         self.status = 0;
         self.backend_status = 0;
@@ -970,7 +969,6 @@ mod tests {
             host: None,
             path: &text,
             user_agent: None,
-            parent_span_id: None,
             listener,
             method: &Method::GET,
             bytes_in: 0,
@@ -993,7 +991,6 @@ mod tests {
             host: None,
             path,
             user_agent: None,
-            parent_span_id: None,
             listener: "http",
             method: &Method::GET,
             bytes_in: 0,
@@ -1193,7 +1190,6 @@ mod tests {
         );
         let mut next = arrival(&id2, &ip, None, "https");
         next.path = "/x";
-        next.parent_span_id = None;
         next.method = &Method::GET;
         next.bytes_in = 0;
         r.restart(next);
@@ -1240,6 +1236,7 @@ mod tests {
         );
         let mut r = Record::begin(arrival(&id, &ip, Some(&agent), "http"));
         r.trace_id = Some(*b"4bf92f3577b34da6a3ce929d0e0e4736");
+        r.parent_span_id = Some(*b"b7ad6b7169203331");
         r.set_backend_url("http", "backend.internal:81", "/v1/orders/42");
         r
     }
@@ -1257,7 +1254,6 @@ mod tests {
             host: Some(b"api.example:8080"),
             path: "/orders/42",
             user_agent: agent,
-            parent_span_id: Some(*b"b7ad6b7169203331"),
             listener,
             method: &Method::POST,
             bytes_in: 12,
