@@ -369,7 +369,8 @@ pub struct RequestRecord<'a> {
     pub trace_id: RStr<'a>,
     /// The span id the gateway used towards the backend (16 hex digits).
     pub span_id: RStr<'a>,
-    /// The client's span id from its `traceparent` (empty when it sent none).
+    /// The client's span id from its `traceparent`, when the gateway continued the client's
+    /// trace (empty when it sent none or an invalid one, or the request was not forwarded).
     pub parent_span_id: RStr<'a>,
     /// Listener name.
     pub listener: RStr<'a>,
