@@ -447,7 +447,11 @@ measure_proxy() {
   RPS[$key]+="$(awk '/^Requests\/sec:/ { printf "%.0f", $2 }' "$out") "
   P50[$key]+="$(to_ms "$(awk '$1 == "50%" { print $2 }' "$out")") "
   P99[$key]+="$(to_ms "$(awk '$1 == "99%" { print $2 }' "$out")") "
-  CPU_US[$key]+="$(awk -v d=$((c1 - c0)) -v hz="$CLK_TCK" -v n="$requests" 'BEGIN { printf "%.2f", d / hz * 1e6 / n }') "
+  local cpu_us
+  cpu_us=$(awk -v d=$((c1 - c0)) -v hz="$CLK_TCK" -v n="$requests" 'BEGIN { printf "%.3f", d / hz * 1e6 / n }')
+  CPU_US[$key]+="$cpu_us "
+  # Every measured run, unrounded, for the paired comparisons of the report (and for reanalysis).
+  printf '%s\t%s\t%s\t%s\t%s\n' "$name" "${3#/bench/}" "$round" "$cpu_us" "$requests" >>"$TMP/rounds.tsv"
   CPU_PCT[$key]+="$(awk -v d=$((c1 - c0)) -v hz="$CLK_TCK" -v t0="$t0" -v t1="$t1" 'BEGIN { printf "%.0f", d / hz / (t1 - t0) * 100 }') "
   # Both lines are printed only when non-zero.
   local errors
@@ -548,7 +552,47 @@ report() {
   fi
 }
 
+# paired: each two-sink variant against the plain variant of its build, round by round (the
+# rounds measure them seconds apart, so the ratio of a round is free of the machine's slower
+# drift), with a bootstrap 95 % interval of the median (fixed seed: the same rounds give the
+# same interval) and what that says about the target of at most 5 % more CPU per request.
+paired() {
+  python3 - "$TMP/rounds.tsv" "${VARIANTS[@]}" <<'PY'
+import random, statistics, sys
+path, variants = sys.argv[1], sys.argv[2:]
+cpu = {}
+for line in open(path):
+    name, size, rnd, us, _ = line.rstrip("\n").split("\t")
+    cpu.setdefault((name, size), {})[int(rnd)] = float(us)
+pairs = [(t, "outpost-b" if t.startswith("outpost-b-") else "outpost")
+         for t in variants if t.endswith("-telemetry")]
+pairs = [(t, b) for t, b in pairs if b in variants]
+if not pairs:
+    sys.exit(0)
+print("\n### Both telemetry sinks over plain, CPU per request (target: at most +5 %)\n")
+print("Each round's ratio of the two-sink variant's CPU µs per request to the plain variant's (same build, same round).\n")
+print("| variant | size | rounds | median | 95 % interval of the median | mean | SD of a round | target |")
+print("|---|---|---:|---:|---|---:|---:|---|")
+for tele, base in pairs:
+    for size in ("small", "16k"):
+        a, b = cpu.get((tele, size), {}), cpu.get((base, size), {})
+        r = [(a[k] / b[k] - 1) * 100 for k in sorted(a) if k in b and b[k] > 0]
+        if not r:
+            continue
+        med = statistics.median(r)
+        rng = random.Random(20261125)
+        boot = sorted(statistics.median(rng.choices(r, k=len(r))) for _ in range(4000))
+        lo, hi = boot[int(0.025 * len(boot))], boot[int(0.975 * len(boot)) - 1]
+        sd = statistics.stdev(r) if len(r) > 1 else float("nan")
+        verdict = ("met" if hi <= 5 else "missed" if lo > 5
+                   else "cannot tell from %d rounds" % len(r))
+        print(f"| {tele} | {size} | {len(r)} | {med:+.1f} % | {lo:+.1f} … {hi:+.1f} % | "
+              f"{statistics.mean(r):+.1f} % | {sd:.1f} | {verdict} |")
+PY
+}
+
 mkdir -p "$(dirname "$RESULTS")"
-report | tee "$RESULTS"
+{ report; paired; } | tee "$RESULTS"
+cp "$TMP/rounds.tsv" "$(dirname "$RESULTS")/rounds.tsv"
 echo "bench: written to ${RESULTS#"$REPO"/}" >&2
 ((${#FAILED[@]} == 0)) || die "requests failed (see above); the numbers are not valid"
