@@ -584,7 +584,9 @@ for tele, base in pairs:
         boot = sorted(statistics.median(rng.choices(r, k=len(r))) for _ in range(4000))
         lo, hi = boot[int(0.025 * len(boot))], boot[int(0.975 * len(boot)) - 1]
         sd = statistics.stdev(r) if len(r) > 1 else float("nan")
-        verdict = ("met" if hi <= 5 else "missed" if lo > 5
+        # Fewer than 10 rounds give no interval worth the name.
+        verdict = ("cannot tell from %d rounds" % len(r) if len(r) < 10
+                   else "met" if hi <= 5 else "missed" if lo > 5
                    else "cannot tell from %d rounds" % len(r))
         print(f"| {tele} | {size} | {len(r)} | {med:+.1f} % | {lo:+.1f} … {hi:+.1f} % | "
               f"{statistics.mean(r):+.1f} % | {sd:.1f} | {verdict} |")
