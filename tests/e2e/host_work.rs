@@ -728,6 +728,72 @@ async fn host_work_misuse_and_reserved_names_fail_only_the_request() {
 }
 
 #[tokio::test]
+async fn a_record_names_what_its_request_matched_as_far_as_it_got() {
+    let backend = Backend::start().await;
+    let logs = tempfile::tempdir().unwrap();
+    let log = logs.path().join("access.jsonl");
+    let extra = format!(
+        "[telemetry]\nflush_interval_ms = 50\nmetrics_interval_ms = 60000\n\n\
+         [[telemetry.sinks]]\nname = \"access\"\nprovider = \"access-log\"\nconfig = {{ path = \"{}\" }}\n",
+        log.display()
+    );
+    let config = json!({
+        "version": "m1",
+        "backends": [{ "id": "b", "urls": [backend.url(false)] }],
+        "apis": [{ "id": "keyed", "path": "/keyed", "backend": "b",
+                   "operations": [op("q", "GET", "/echo", json!([]), json!([]))] }],
+        "products": [{ "id": "p", "apis": ["keyed"] }],
+        "subscriptions": [{ "id": "s", "scope": { "type": "product", "id": "p" },
+                            "primary_key": "k-123456" }]
+    });
+    let gw = Gateway::start(GatewaySpec {
+        manifest: manifest(&extra),
+        api: config,
+        files: Vec::new(),
+        watch_ms: 100,
+    });
+    let c = client();
+    let key = "Ocp-Apim-Subscription-Key";
+    let r = c.get(gw.url("/keyed/echo")).header(key, "k-123456");
+    assert_eq!(r.send().await.unwrap().status(), 200);
+    let r = c.get(gw.url("/keyed/echo?wrong")).header(key, "k-000000");
+    assert_eq!(r.send().await.unwrap().status(), 401);
+    let r = c.get(gw.url("/keyed/nope")).header(key, "k-123456");
+    assert_eq!(r.send().await.unwrap().status(), 404);
+    assert_eq!(
+        c.get(gw.url("/elsewhere")).send().await.unwrap().status(),
+        404
+    );
+
+    let lines = wait_lines(&log, 4).await;
+    let line = |path: &str, status: u16| {
+        lines
+            .iter()
+            .find(|l| l["path"] == path && l["status"] == status)
+            .unwrap_or_else(|| panic!("no line for {path} {status}: {lines:?}"))
+    };
+    let field = |l: &Value, k: &str| l.get(k).and_then(Value::as_str).map(str::to_owned);
+    let some = |v: &str| Some(v.to_owned());
+    // Served: the API, the operation, the subscription and its product.
+    let ok = line("/keyed/echo", 200);
+    assert_eq!(field(ok, "api"), some("keyed"));
+    assert_eq!(field(ok, "operation"), some("q"));
+    assert_eq!(field(ok, "subscription"), some("s"));
+    assert_eq!(field(ok, "product"), some("p"));
+    // Refused at the key: the API and the operation, no subscription.
+    let refused = line("/keyed/echo", 401);
+    assert_eq!(field(refused, "api"), some("keyed"));
+    assert_eq!(field(refused, "operation"), some("q"));
+    assert_eq!(field(refused, "subscription"), None);
+    // No operation: the API only. No API: nothing matched.
+    let no_op = line("/keyed/nope", 404);
+    assert_eq!(field(no_op, "api"), some("keyed"));
+    assert_eq!(field(no_op, "operation"), None);
+    let no_api = line("/elsewhere", 404);
+    assert_eq!(field(no_api, "api"), None);
+}
+
+#[tokio::test]
 async fn gateway_gauges_reach_sinks_computed_at_each_snapshot() {
     let backend = Backend::start().await;
     let logs = tempfile::tempdir().unwrap();

@@ -280,15 +280,6 @@ pub async fn handle(
         r.status = resp.status().as_u16();
         r.total_us = started.elapsed().as_micros() as u64;
         r.bytes_out = http_body::Body::size_hint(resp.body()).exact().unwrap_or(0);
-        if let Some(id) = &ids.api {
-            r.set(Text::ApiId, id);
-        }
-        if let Some(id) = &ids.operation {
-            r.set(Text::OperationId, id);
-        }
-        if let Some(id) = &ids.subscription {
-            r.set(Text::SubscriptionId, id);
-        }
         t.offer(r);
     }
     if let Some(path) = log_path {
@@ -415,6 +406,12 @@ async fn serve(
     let rest_start = path.len() - rest.len();
     let api = &snapshot.apis[api_idx];
     ids.api = Some(api.id.clone());
+    // What the request matched goes into its record as soon as it is known, while the record
+    // is in this core's cache: by the time the backend has answered, the requests served
+    // meanwhile (and their bodies) have usually pushed it out.
+    if let Some(r) = record.as_deref_mut() {
+        r.set(Text::ApiId, &api.id);
+    }
     // A CORS preflight runs the global and API inbound policies first, without operation or
     // subscription key (browsers send neither); a policy that answers it ends the request.
     if let Some(pre) = api.preflight.as_deref() {
@@ -445,6 +442,7 @@ async fn serve(
     };
     ids.operation = Some(op.id.clone());
     if let Some(r) = record.as_deref_mut() {
+        r.set(Text::OperationId, &op.id);
         r.set(Text::Route, &op.route);
     }
 
@@ -477,6 +475,9 @@ async fn serve(
             return Err(ProxyError::SubscriptionSuspended);
         }
         ids.subscription = Some(sub.id.clone());
+        if let Some(r) = record.as_deref_mut() {
+            r.set(Text::SubscriptionId, &sub.id);
+        }
         product = sub.product.as_ref();
     }
     let pipeline = op.pipeline(product.map(|(i, _)| *i));
