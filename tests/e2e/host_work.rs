@@ -22,6 +22,14 @@ fn manifest(extra: &str) -> String {
     )
 }
 
+/// The `access-log` sink writing to `log` (with a line per metric series when `metrics`).
+fn access_sink(log: &Path, metrics: bool) -> String {
+    format!(
+        "[[telemetry.sinks]]\nname = \"access\"\nprovider = \"access-log\"\nconfig = {{ path = \"{}\", metrics = {metrics} }}\n",
+        log.display()
+    )
+}
+
 /// One open API at `/svc` with these operations (each `{id, method, url_template, policies}`).
 fn api(backend: &str, operations: Value) -> Value {
     json!({
@@ -78,9 +86,8 @@ async fn counters_and_values_go_through_the_cache_plugin_and_requests_reach_the_
     let log = logs.path().join("access.jsonl");
     let extra = format!(
         "[[caches]]\nname = \"local\"\nprovider = \"cache-memory\"\nconfig = {{ max_bytes = 1048576 }}\n\n\
-         [telemetry]\nflush_interval_ms = 50\nmetrics_interval_ms = 60000\n\n\
-         [[telemetry.sinks]]\nname = \"access\"\nprovider = \"access-log\"\nconfig = {{ path = \"{}\", metrics = true }}\n",
-        log.display()
+         [telemetry]\nflush_interval_ms = 50\nmetrics_interval_ms = 60000\n\n{}",
+        access_sink(&log, true)
     );
     let ops = json!([
         op(
@@ -218,9 +225,8 @@ async fn a_slow_or_missing_cache_is_an_answer_for_the_policy_not_a_failed_reques
     let extra = format!(
         "[[caches]]\nname = \"slow\"\nprovider = \"cache-slow\"\ntimeout_ms = 50\nconfig = {{ delay_ms = 2000 }}\n\n\
          [[caches]]\nname = \"quick\"\nprovider = \"cache-slow\"\nconfig = {{ delay_ms = 1 }}\n\n\
-         [telemetry]\nmetrics_interval_ms = 60000\n\n\
-         [[telemetry.sinks]]\nname = \"access\"\nprovider = \"access-log\"\nconfig = {{ path = \"{}\", metrics = true }}\n",
-        log.display()
+         [telemetry]\nmetrics_interval_ms = 60000\n\n{}",
+        access_sink(&log, true)
     );
     let ops = json!([
         op(
@@ -483,9 +489,8 @@ async fn telemetry_drops_and_counts_instead_of_blocking_requests() {
     let log = logs.path().join("access.jsonl");
     let extra = format!(
         "[telemetry]\nqueue_capacity = 2\nbatch_max = 1\nflush_interval_ms = 10\nmetrics_interval_ms = 60000\nshutdown_flush_ms = 1000\n\n\
-         [[telemetry.sinks]]\nname = \"stuck\"\nprovider = \"sink-slow\"\nconfig = {{ delay_ms = 300 }}\n\n\
-         [[telemetry.sinks]]\nname = \"access\"\nprovider = \"access-log\"\nconfig = {{ path = \"{}\", metrics = true }}\n",
-        log.display()
+         [[telemetry.sinks]]\nname = \"stuck\"\nprovider = \"sink-slow\"\nconfig = {{ delay_ms = 300 }}\n\n{}",
+        access_sink(&log, true)
     );
     let mut gw = Gateway::start(GatewaySpec {
         manifest: manifest(&extra),
@@ -537,9 +542,8 @@ async fn idle_telemetry_threads_sleep_until_records_arrive() {
     let logs = tempfile::tempdir().unwrap();
     let log = logs.path().join("access.jsonl");
     let extra = format!(
-        "[telemetry]\nflush_interval_ms = 50\nmetrics_interval_ms = 60000\n\n\
-         [[telemetry.sinks]]\nname = \"access\"\nprovider = \"access-log\"\nconfig = {{ path = \"{}\" }}\n",
-        log.display()
+        "[telemetry]\nflush_interval_ms = 50\nmetrics_interval_ms = 60000\n\n{}",
+        access_sink(&log, false)
     );
     let gw = Gateway::start(GatewaySpec {
         manifest: manifest(&extra),
@@ -733,9 +737,8 @@ async fn a_record_names_what_its_request_matched_as_far_as_it_got() {
     let logs = tempfile::tempdir().unwrap();
     let log = logs.path().join("access.jsonl");
     let extra = format!(
-        "[telemetry]\nflush_interval_ms = 50\nmetrics_interval_ms = 60000\n\n\
-         [[telemetry.sinks]]\nname = \"access\"\nprovider = \"access-log\"\nconfig = {{ path = \"{}\" }}\n",
-        log.display()
+        "[telemetry]\nflush_interval_ms = 50\nmetrics_interval_ms = 60000\n\n{}",
+        access_sink(&log, false)
     );
     let config = json!({
         "version": "m1",
@@ -799,9 +802,8 @@ async fn gateway_gauges_reach_sinks_computed_at_each_snapshot() {
     let logs = tempfile::tempdir().unwrap();
     let log = logs.path().join("access.jsonl");
     let extra = format!(
-        "[telemetry]\nflush_interval_ms = 50\nmetrics_interval_ms = 100\n\n\
-         [[telemetry.sinks]]\nname = \"access\"\nprovider = \"access-log\"\nconfig = {{ path = \"{}\", metrics = true }}\n",
-        log.display()
+        "[telemetry]\nflush_interval_ms = 50\nmetrics_interval_ms = 100\n\n{}",
+        access_sink(&log, true)
     );
     let ops = json!([op("slow", "GET", "/slow/{ms}", json!([]), json!([]))]);
     let gw = Gateway::start(GatewaySpec {
