@@ -22,12 +22,33 @@ fn manifest(extra: &str) -> String {
     )
 }
 
-/// The `access-log` sink writing to `log` (with a line per metric series when `metrics`).
-fn access_sink(log: &Path, metrics: bool) -> String {
-    format!(
-        "[[telemetry.sinks]]\nname = \"access\"\nprovider = \"access-log\"\nconfig = {{ path = \"{}\", metrics = {metrics} }}\n",
-        log.display()
-    )
+/// A file in a temporary directory for the `access-log` sink to write to (a `Path`).
+struct AccessLog {
+    _dir: tempfile::TempDir,
+    path: std::path::PathBuf,
+}
+
+impl AccessLog {
+    fn new() -> AccessLog {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("access.jsonl");
+        AccessLog { _dir: dir, path }
+    }
+
+    /// The sink's `[[telemetry.sinks]]` entry (a line per metric series when `metrics`).
+    fn sink(&self, metrics: bool) -> String {
+        format!(
+            "[[telemetry.sinks]]\nname = \"access\"\nprovider = \"access-log\"\nconfig = {{ path = \"{}\", metrics = {metrics} }}\n",
+            self.path.display()
+        )
+    }
+}
+
+impl std::ops::Deref for AccessLog {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.path
+    }
 }
 
 /// One open API at `/svc` with these operations (each `{id, method, url_template, policies}`).
@@ -82,12 +103,11 @@ fn metric(lines: &[Value], name: &str, label: (&str, &str)) -> Option<f64> {
 #[tokio::test]
 async fn counters_and_values_go_through_the_cache_plugin_and_requests_reach_the_sink() {
     let backend = Backend::start().await;
-    let logs = tempfile::tempdir().unwrap();
-    let log = logs.path().join("access.jsonl");
+    let log = AccessLog::new();
     let extra = format!(
         "[[caches]]\nname = \"local\"\nprovider = \"cache-memory\"\nconfig = {{ max_bytes = 1048576 }}\n\n\
          [telemetry]\nflush_interval_ms = 50\nmetrics_interval_ms = 60000\n\n{}",
-        access_sink(&log, true)
+        log.sink(true)
     );
     let ops = json!([
         op(
@@ -220,13 +240,12 @@ async fn counters_and_values_go_through_the_cache_plugin_and_requests_reach_the_
 #[tokio::test]
 async fn a_slow_or_missing_cache_is_an_answer_for_the_policy_not_a_failed_request() {
     let backend = Backend::start().await;
-    let logs = tempfile::tempdir().unwrap();
-    let log = logs.path().join("access.jsonl");
+    let log = AccessLog::new();
     let extra = format!(
         "[[caches]]\nname = \"slow\"\nprovider = \"cache-slow\"\ntimeout_ms = 50\nconfig = {{ delay_ms = 2000 }}\n\n\
          [[caches]]\nname = \"quick\"\nprovider = \"cache-slow\"\nconfig = {{ delay_ms = 1 }}\n\n\
          [telemetry]\nmetrics_interval_ms = 60000\n\n{}",
-        access_sink(&log, true)
+        log.sink(true)
     );
     let ops = json!([
         op(
@@ -485,12 +504,11 @@ async fn policies_call_out_rewrite_the_request_and_change_the_status() {
 #[tokio::test]
 async fn telemetry_drops_and_counts_instead_of_blocking_requests() {
     let backend = Backend::start().await;
-    let logs = tempfile::tempdir().unwrap();
-    let log = logs.path().join("access.jsonl");
+    let log = AccessLog::new();
     let extra = format!(
         "[telemetry]\nqueue_capacity = 2\nbatch_max = 1\nflush_interval_ms = 10\nmetrics_interval_ms = 60000\nshutdown_flush_ms = 1000\n\n\
          [[telemetry.sinks]]\nname = \"stuck\"\nprovider = \"sink-slow\"\nconfig = {{ delay_ms = 300 }}\n\n{}",
-        access_sink(&log, true)
+        log.sink(true)
     );
     let mut gw = Gateway::start(GatewaySpec {
         manifest: manifest(&extra),
@@ -539,11 +557,10 @@ fn thread_switches(pid: u32, name: &str) -> u64 {
 #[tokio::test]
 async fn idle_telemetry_threads_sleep_until_records_arrive() {
     let backend = Backend::start().await;
-    let logs = tempfile::tempdir().unwrap();
-    let log = logs.path().join("access.jsonl");
+    let log = AccessLog::new();
     let extra = format!(
         "[telemetry]\nflush_interval_ms = 50\nmetrics_interval_ms = 60000\n\n{}",
-        access_sink(&log, false)
+        log.sink(false)
     );
     let gw = Gateway::start(GatewaySpec {
         manifest: manifest(&extra),
@@ -734,11 +751,10 @@ async fn host_work_misuse_and_reserved_names_fail_only_the_request() {
 #[tokio::test]
 async fn a_record_names_what_its_request_matched_as_far_as_it_got() {
     let backend = Backend::start().await;
-    let logs = tempfile::tempdir().unwrap();
-    let log = logs.path().join("access.jsonl");
+    let log = AccessLog::new();
     let extra = format!(
         "[telemetry]\nflush_interval_ms = 50\nmetrics_interval_ms = 60000\n\n{}",
-        access_sink(&log, false)
+        log.sink(false)
     );
     let config = json!({
         "version": "m1",
@@ -799,11 +815,10 @@ async fn a_record_names_what_its_request_matched_as_far_as_it_got() {
 #[tokio::test]
 async fn gateway_gauges_reach_sinks_computed_at_each_snapshot() {
     let backend = Backend::start().await;
-    let logs = tempfile::tempdir().unwrap();
-    let log = logs.path().join("access.jsonl");
+    let log = AccessLog::new();
     let extra = format!(
         "[telemetry]\nflush_interval_ms = 50\nmetrics_interval_ms = 100\n\n{}",
-        access_sink(&log, true)
+        log.sink(true)
     );
     let ops = json!([op("slow", "GET", "/slow/{ms}", json!([]), json!([]))]);
     let gw = Gateway::start(GatewaySpec {
