@@ -1,18 +1,17 @@
-//! Telemetry: one record per request, offered to a bounded queue (full: dropped and counted,
-//! never waited for). The telemetry thread takes records off it in batches, builds the ABI
-//! views of a batch once and hands the batch to every sink's thread (a sink that has too many
-//! records pending loses the batch, counted); each sink's thread exports its batches and, on
-//! a schedule, a snapshot of every metric. At shutdown every sink gets what is left and a
-//! flush, within a deadline.
+//! Telemetry: one record per request. A request adds its record to a bounded chunk its thread
+//! fills (full: dropped and counted, never waited for). The telemetry thread takes the
+//! threads' chunks on its ticks, makes the records' ABI views once a chunk and hands each
+//! chunk, as one batch, to every sink's thread (a sink that has too many records pending
+//! loses the batch, counted); each sink's thread exports its batches and, on a schedule, a
+//! snapshot of every metric. At shutdown every sink gets what is left and a flush, within a
+//! deadline.
 
 // Records stay boxed from the request to the batch and back: a record moves between threads
 // and vectors as a pointer, and keeps its allocation for the next request.
 #![allow(clippy::vec_box)]
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc::{
-    channel, sync_channel, Receiver, RecvTimeoutError, Sender, SyncSender, TryRecvError,
-};
+use std::sync::mpsc::{channel, sync_channel, Receiver, RecvTimeoutError, Sender, SyncSender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -35,9 +34,9 @@ pub fn unix_ms() -> u64 {
 }
 
 /// The wall clock and the monotonic clock read together, to turn a record's arrival into
-/// wall-clock time when it is exported: a request reads no wall clock (one clock read fewer
-/// on the request path), and its time follows the wall clock as it is at export, a second
-/// or so later.
+/// wall-clock time when its view is made: a request reads no wall clock (one clock read
+/// fewer on the request path), and its time follows the wall clock as it is when the
+/// telemetry thread takes the record, a tick or so later.
 #[derive(Debug, Clone, Copy)]
 pub struct Clock {
     unix_ms: u64,
@@ -53,10 +52,14 @@ impl Clock {
         }
     }
 
-    /// The Unix milliseconds of `instant` (not after this clock's reading).
+    /// The Unix milliseconds of `instant`, before or after this clock's reading.
     pub fn unix_ms_at(&self, instant: Instant) -> u64 {
-        let ago = self.at.saturating_duration_since(instant).as_millis() as u64;
-        self.unix_ms.saturating_sub(ago)
+        match self.at.checked_duration_since(instant) {
+            Some(ago) => self.unix_ms.saturating_sub(ago.as_millis() as u64),
+            None => self
+                .unix_ms
+                .saturating_add(instant.duration_since(self.at).as_millis() as u64),
+        }
     }
 }
 
@@ -344,10 +347,6 @@ impl Record {
     }
 }
 
-/// How many records ahead of the one being read a sink thread asks for its text (and twice
-/// as many for the record itself).
-const PREFETCH: usize = 4;
-
 /// Asks for the cache line at `p` (a hint: nothing is read, and no fault can follow).
 #[inline(always)]
 #[allow(unsafe_code)] // the one intrinsic; it is `unsafe` only for its target feature
@@ -362,26 +361,303 @@ fn prefetch_line(p: *const u8) {
     let _ = p;
 }
 
-/// The longest the idle telemetry thread blocks on its queue before looking at the stop flag.
+/// Records a request thread has offered, in the order it offered them, and (once the
+/// telemetry thread has taken them) their ABI views: what the sinks get as one batch.
+///
+/// A request only adds its record's pointer, and reads nothing of the record: by the time a
+/// request ends, its record has usually left the core's nearest caches (the requests served
+/// while it waited for its backend pushed it out), and reading it there would stall the
+/// request. The telemetry thread makes the views, asking for the records ahead of the one it
+/// reads so that their misses overlap ([`Chunk::make_views`]), and the sinks then read views
+/// that were just written.
+pub struct Chunk {
+    /// The records' views, in the records' order. Declared first, so dropped first: a view
+    /// borrows from its record (see [`Chunk::make_views`]).
+    views: Vec<RequestRecord<'static>>,
+    records: Vec<Box<Record>>,
+    /// When the first record was added.
+    started: Instant,
+}
+
+// SAFETY: the views borrow only from the records the chunk owns (and from static strings),
+// which nothing changes while the chunk holds them; a shared chunk is only read.
+#[allow(unsafe_code)]
+unsafe impl Send for Chunk {}
+#[allow(unsafe_code)]
+unsafe impl Sync for Chunk {}
+
+impl std::fmt::Debug for Chunk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Chunk")
+            .field("records", &self.records.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// How many records ahead of the one being read the telemetry thread asks for its text (and
+/// twice as many for the record itself).
+const PREFETCH: usize = 4;
+
+impl Chunk {
+    fn new() -> Chunk {
+        Chunk {
+            views: Vec::new(),
+            records: Vec::new(),
+            started: Instant::now(),
+        }
+    }
+
+    /// How many records it holds.
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    /// Whether it holds none.
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+
+    /// The views of its records, in order (once made).
+    pub fn views(&self) -> &[RequestRecord<'_>] {
+        &self.views
+    }
+
+    /// Adds `record` (without reading it).
+    fn push(&mut self, record: Box<Record>) {
+        if self.records.is_empty() {
+            self.started = Instant::now();
+        }
+        self.records.push(record);
+    }
+
+    /// Makes the records' views, their times read off `clock`.
+    ///
+    /// Records were written by a request's thread a while ago and are seldom still in this
+    /// core's cache: asking for the next ones while this one is read overlaps the misses. A
+    /// record's text is asked for later than the record itself, which says where the text is
+    /// (by then it has arrived, and finding the text does not wait for it).
+    #[allow(unsafe_code)]
+    fn make_views(&mut self, clock: &Clock) {
+        let records = &self.records;
+        self.views.clear();
+        for r in records.iter().take(2 * PREFETCH) {
+            r.prefetch_record();
+        }
+        for r in records.iter().take(PREFETCH) {
+            r.prefetch_text();
+        }
+        self.views.extend(records.iter().enumerate().map(|(i, r)| {
+            if let Some(ahead) = records.get(i + 2 * PREFETCH) {
+                ahead.prefetch_record();
+            }
+            if let Some(ahead) = records.get(i + PREFETCH) {
+                ahead.prefetch_text();
+            }
+            let view = r.view(clock);
+            // SAFETY: the view borrows from the record's allocation and its text's (or from
+            // static strings). Both stay where they are while the chunk owns the record: a
+            // record is only ever moved as a `Box` (which moves the pointer, not the
+            // record), nothing changes a record the chunk holds, and the views are cleared
+            // (or dropped, first) before any record leaves the chunk
+            // ([`Chunk::take_records`]).
+            unsafe { std::mem::transmute::<RequestRecord<'_>, RequestRecord<'static>>(view) }
+        }));
+    }
+
+    /// Its records, its views cleared first (the chunk keeps the views' allocation).
+    fn take_records(&mut self) -> Vec<Box<Record>> {
+        self.views.clear();
+        std::mem::take(&mut self.records)
+    }
+}
+
+/// The longest the idle telemetry thread sleeps before looking at the stop flag.
 const IDLE_WAIT: Duration = Duration::from_millis(100);
 
-/// A batch's views, borrowed from its records.
-type Views<'a> = Vec<RequestRecord<'a>>;
+/// What a request thread has offered and the telemetry thread has not taken yet.
+#[derive(Debug)]
+struct Filling {
+    /// The chunk records are added to.
+    chunk: Chunk,
+    /// Chunks that reached `batch_max`, oldest first.
+    full: Vec<Chunk>,
+    /// The telemetry thread has stopped: records offered now are dropped.
+    closed: bool,
+}
 
-self_cell::self_cell!(
-    /// A batch of records and the ABI views of them, built once by the telemetry thread and
-    /// shared by every sink's thread.
-    struct Batch {
-        owner: Vec<Box<Record>>,
-        #[covariant]
-        dependent: Views,
+impl Filling {
+    fn held(&self, batch_max: usize) -> usize {
+        self.chunk.len() + self.full.len() * batch_max
     }
-);
+}
+
+/// A request thread's end of the intake. Only that thread adds to it, and the telemetry
+/// thread looks at it once a tick: its lock is the thread's own, not one every request of
+/// the gateway takes.
+#[derive(Debug)]
+struct Slot(std::sync::Mutex<Filling>);
+
+impl Slot {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Filling> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Where requests offer their records: a slot per request thread, which the telemetry thread
+/// empties on its ticks.
+struct Intake {
+    /// Tells this intake's slots from another gateway's in the same process.
+    id: u64,
+    slots: std::sync::Mutex<Vec<Arc<Slot>>>,
+    /// Most records a slot holds.
+    capacity: usize,
+    batch_max: usize,
+    /// The telemetry thread is asleep until a record comes: the first record of an empty
+    /// slot wakes it.
+    idle: AtomicBool,
+    telemetry_thread: std::sync::OnceLock<std::thread::Thread>,
+    /// The allocations of chunks every sink is done with.
+    spares: crossbeam_channel::Receiver<Chunk>,
+}
+
+/// Gives each [`Intake`] an id of its own.
+static INTAKES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+thread_local! {
+    /// This thread's slot in each intake it has offered records to (one, but for tests that
+    /// run several gateways in one process).
+    static SLOTS: std::cell::RefCell<Vec<(u64, Arc<Slot>)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl Intake {
+    fn new(
+        capacity: usize,
+        batch_max: usize,
+        spares: crossbeam_channel::Receiver<Chunk>,
+    ) -> Intake {
+        Intake {
+            id: INTAKES.fetch_add(1, Ordering::Relaxed),
+            slots: std::sync::Mutex::new(Vec::new()),
+            capacity,
+            batch_max,
+            idle: AtomicBool::new(false),
+            telemetry_thread: std::sync::OnceLock::new(),
+            spares,
+        }
+    }
+
+    /// An empty chunk, in the allocations of one every sink is done with when there is one.
+    fn spare(&self) -> Chunk {
+        self.spares.try_recv().unwrap_or_else(|_| Chunk::new())
+    }
+
+    /// Runs `f` on this thread's slot, made the first time the thread offers a record
+    /// (`None` on a thread that is ending).
+    fn with_slot<R>(&self, f: impl FnOnce(&Slot) -> R) -> Option<R> {
+        SLOTS
+            .try_with(|slots| {
+                let mut slots = slots.borrow_mut();
+                if let Some((_, s)) = slots.iter().find(|(id, _)| *id == self.id) {
+                    return f(s);
+                }
+                // Slots of intakes that have stopped are let go here.
+                slots.retain(|(_, s)| !s.lock().closed);
+                let slot = Arc::new(Slot(std::sync::Mutex::new(Filling {
+                    chunk: Chunk::new(),
+                    full: Vec::new(),
+                    closed: false,
+                })));
+                self.slots
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(slot.clone());
+                let r = f(&slot);
+                slots.push((self.id, slot));
+                r
+            })
+            .ok()
+    }
+
+    /// Adds `record` to this thread's slot; `false` when it was dropped (the slot is full,
+    /// or the telemetry thread has stopped).
+    fn offer(&self, record: Box<Record>) -> bool {
+        let added = self.with_slot(|slot| {
+            let mut f = slot.lock();
+            if f.closed || f.held(self.batch_max) >= self.capacity {
+                return None;
+            }
+            if f.chunk.len() >= self.batch_max {
+                let next = self.spare();
+                let full = std::mem::replace(&mut f.chunk, next);
+                f.full.push(full);
+            }
+            let first = f.chunk.is_empty() && f.full.is_empty();
+            f.chunk.push(record);
+            Some(first)
+        });
+        let Some(Some(first)) = added else {
+            return false;
+        };
+        if first && self.idle.load(Ordering::SeqCst) {
+            self.idle.store(false, Ordering::SeqCst);
+            if let Some(t) = self.telemetry_thread.get() {
+                t.unpark();
+            }
+        }
+        true
+    }
+
+    /// Takes, into `out`, the chunks that are ready: every full one, and each slot's chunk
+    /// once it holds `hand_on` records or its first has waited `wait`. A slot whose thread
+    /// has ended is emptied and let go. Returns whether any slot still holds records.
+    fn take(&self, hand_on: usize, wait: Duration, out: &mut Vec<Chunk>) -> bool {
+        let mut held = false;
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        slots.retain(|slot| {
+            // Only this list holds the slot: its thread has ended.
+            let ended = Arc::strong_count(slot) == 1;
+            let mut f = slot.lock();
+            out.append(&mut f.full);
+            if !f.chunk.is_empty()
+                && (ended || f.chunk.len() >= hand_on || f.chunk.started.elapsed() >= wait)
+            {
+                let next = if ended { Chunk::new() } else { self.spare() };
+                out.push(std::mem::replace(&mut f.chunk, next));
+            }
+            held |= !f.chunk.is_empty();
+            !ended
+        });
+        held
+    }
+
+    /// Closes every slot (records offered from now on are dropped) and takes what they held.
+    fn close(&self, out: &mut Vec<Chunk>) {
+        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        for slot in slots.iter() {
+            let mut f = slot.lock();
+            f.closed = true;
+            out.append(&mut f.full);
+            if !f.chunk.is_empty() {
+                out.push(std::mem::replace(&mut f.chunk, Chunk::new()));
+            }
+        }
+    }
+
+    /// Whether any slot holds a record.
+    fn holds_any(&self) -> bool {
+        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        slots.iter().any(|s| {
+            let f = s.lock();
+            !f.chunk.is_empty() || !f.full.is_empty()
+        })
+    }
+}
 
 /// A sink's end of the telemetry thread: the batches it has not exported yet.
 struct Outlet {
     name: String,
-    batches: Sender<Arc<Batch>>,
+    batches: Sender<Arc<Chunk>>,
     /// Records handed to the sink and not exported yet (at most the queue capacity).
     pending: Arc<AtomicUsize>,
 }
@@ -392,10 +668,10 @@ struct Waiting {
     runs: Vec<(Run, SyncSender<()>)>,
 }
 
-/// The sinks, their threads and the queue in front of them.
+/// The sinks, their threads and the intake in front of them.
 pub struct Telemetry {
-    /// Records for the telemetry thread.
-    queue: SyncSender<Box<Record>>,
+    /// Where requests offer their records.
+    intake: Arc<Intake>,
     /// Records every sink is done with, for requests to fill again: a request then neither
     /// allocates its record nor frees it on another thread (which costs the allocator more
     /// than the allocation).
@@ -419,7 +695,7 @@ impl std::fmt::Debug for Telemetry {
 }
 
 impl Telemetry {
-    /// Creates every `[[telemetry.sinks]]` entry and the queue in front of them;
+    /// Creates every `[[telemetry.sinks]]` entry and the intake in front of them;
     /// [`Telemetry::start`] starts them. `None` without sinks (requests then build no record
     /// at all).
     pub fn new(
@@ -443,6 +719,7 @@ impl Telemetry {
         let stop = Arc::new(AtomicBool::new(false));
         let batch_max = batch_max(settings);
         let (returns, pool, spares) = Returns::new(batch_max);
+        let intake = Arc::new(Intake::new(settings.queue_capacity, batch_max, spares));
         let (mut outlets, mut runs, mut done) = (Vec::new(), Vec::new(), Vec::new());
         for (name, sink) in sinks {
             let (batches, rx) = channel();
@@ -467,19 +744,16 @@ impl Telemetry {
             });
             done.push((name, std::sync::Mutex::new(done_rx)));
         }
-        let (queue, rx) = sync_channel(settings.queue_capacity);
         let dispatch = Dispatch {
-            rx,
+            intake: intake.clone(),
             returns,
-            spares,
             outlets,
             stop: stop.clone(),
             capacity: settings.queue_capacity,
-            batch_max,
             flush_every: Duration::from_millis(settings.flush_interval_ms),
         };
         Ok(Some(Telemetry {
-            queue,
+            intake,
             pool,
             sinks: done,
             stop,
@@ -574,25 +848,40 @@ impl Telemetry {
         }
     }
 
-    /// Offers a record to the sinks; a full queue drops it, counted for every sink.
+    /// Offers a record to the sinks; a full slot drops it, counted for every sink.
     pub fn offer(&self, record: Box<Record>) {
-        if self.queue.try_send(record).is_err() {
+        if !self.intake.offer(record) {
             for (name, _) in &self.sinks {
                 TELEMETRY_DROPPED.inc(&[name]);
             }
         }
     }
 
-    /// Stops the sinks: each exports what is queued for it and flushes, within the deadline.
+    /// Stops the sinks: each exports what was offered before and flushes, within the
+    /// deadline.
     pub fn shutdown(&self) {
-        self.stop.store(true, Ordering::Relaxed);
-        // Sinks never started have nothing to deliver.
-        drop(
-            self.waiting
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .take(),
-        );
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.intake.telemetry_thread.get() {
+            t.unpark();
+        }
+        // Sinks never started have nothing to deliver: what requests offered is dropped,
+        // counted.
+        let never_started = self
+            .waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if never_started.is_some() {
+            let mut held = Vec::new();
+            self.intake.close(&mut held);
+            let n: usize = held.iter().map(Chunk::len).sum();
+            if n > 0 {
+                for (name, _) in &self.sinks {
+                    TELEMETRY_DROPPED.add(&[name], n as f64);
+                }
+            }
+        }
+        drop(never_started);
         let deadline = Instant::now() + self.shutdown_flush + Duration::from_millis(500);
         for (name, done) in &self.sinks {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -604,21 +893,16 @@ impl Telemetry {
     }
 }
 
-/// The telemetry thread: takes the records off the queue, builds their views once a batch,
-/// and hands the batch to every sink's thread.
+/// The telemetry thread: takes the request threads' chunks off their slots and hands each to
+/// every sink's thread.
 struct Dispatch {
-    rx: Receiver<Box<Record>>,
+    intake: Arc<Intake>,
     /// Where batches every sink is done with go.
     returns: Arc<Returns>,
-    /// The allocations of batches every sink is done with (a busy gateway's batch of views is
-    /// a few hundred KB: allocating it anew, the allocator would hand the gateway fresh pages
-    /// to fault in every batch).
-    spares: crossbeam_channel::Receiver<Spare>,
     outlets: Vec<Outlet>,
     stop: Arc<AtomicBool>,
     /// Most records a sink may have pending.
     capacity: usize,
-    batch_max: usize,
     flush_every: Duration,
 }
 
@@ -629,21 +913,27 @@ fn batch_max(settings: &Settings) -> usize {
     settings.batch_max.min((settings.queue_capacity / 4).max(1))
 }
 
-/// Records a tick of the telemetry thread hands on without waiting for `flush_interval_ms`:
-/// a busy gateway's sinks get a batch every tick, a quiet one's a batch now and then.
+/// How often a busy gateway's telemetry thread looks at the slots (at most; `flush_interval_ms`
+/// when shorter). Each look that hands on a chunk wakes every sink's thread, and each wake-up
+/// costs the core the requests run on two context switches and the caches they refill. In
+/// the bench, a look every 100 ms instead of every 20 ms took 1.0 % (small) and 1.3 % (16 KiB)
+/// less CPU per request with two sinks, medians of 50 paired rounds whose intervals reach just
+/// past zero (BENCHMARKS.md); the sinks get their records up to 0.1 s later.
+const TICK: Duration = Duration::from_millis(100);
+
+/// Records a slot's chunk holds when a tick of the telemetry thread hands it on without
+/// waiting for `flush_interval_ms`: a busy gateway's sinks get a batch every tick, a quiet
+/// one's a batch now and then.
 const HAND_ON: usize = 256;
 
-/// Most batch allocations kept for the next batches.
-const SPARES: usize = 2;
-
-/// A batch's allocations, emptied.
-type Spare = (Vec<Box<Record>>, Views<'static>);
+/// Most chunk allocations kept for the next chunks.
+const SPARES: usize = 4;
 
 /// Where a batch goes once every sink is done with it: its records back to the requests
-/// ([`Telemetry::record`]), its allocations back to the telemetry thread for the next batch.
+/// ([`Telemetry::record`]), its allocations back to the intake for the next chunks.
 struct Returns {
     pool: Arc<Pool>,
-    spares: crossbeam_channel::Sender<Spare>,
+    spares: crossbeam_channel::Sender<Chunk>,
 }
 
 /// Records every sink is done with, for requests to fill again, the last given back on top.
@@ -689,9 +979,9 @@ impl Pool {
 }
 
 impl Returns {
-    /// Where batches go, the pool requests take records from, and the spare allocations
-    /// the telemetry thread builds batches in.
-    fn new(batch_max: usize) -> (Arc<Returns>, Arc<Pool>, crossbeam_channel::Receiver<Spare>) {
+    /// Where batches go, the pool requests take records from, and the spare chunk
+    /// allocations.
+    fn new(batch_max: usize) -> (Arc<Returns>, Arc<Pool>, crossbeam_channel::Receiver<Chunk>) {
         let pool = Arc::new(Pool::new(POOL_MAX.min(2 * batch_max)));
         let (spares_tx, spares) = crossbeam_channel::bounded(SPARES);
         let returns = Returns {
@@ -706,139 +996,85 @@ impl Returns {
     /// would), or the telemetry thread, when no sink had room for it or every sink was done
     /// before it let go. A batch a slow sink holds keeps no other from coming back. Records
     /// past the pool's bound, or with room for a long text, are let go.
-    fn give_back(&self, batch: Arc<Batch>) {
-        let Some(mut batch) = Arc::into_inner(batch) else {
+    fn give_back(&self, batch: Arc<Chunk>) {
+        let Some(mut chunk) = Arc::into_inner(batch) else {
             return;
         };
-        let mut views = Vec::new();
-        batch.with_dependent_mut(|_, v| views = recycle(std::mem::take(v)));
-        let mut records = batch.into_owner();
+        let mut records = chunk.take_records();
         // A record that held a long URL or message is let go, not kept that large.
         records.retain(|r| r.text.capacity() <= POOLED_TEXT_MAX);
         self.pool.put(&mut records);
-        let _ = self.spares.try_send((records, views));
+        // The records' vector goes back with the chunk, to be filled again.
+        chunk.records = records;
+        let _ = self.spares.try_send(chunk);
     }
 }
 
 impl Dispatch {
-    /// The loop. While records arrive it never blocks on the queue: it wakes on a short tick
-    /// and takes what has arrived, so a busy gateway's `try_send` never has to wake this
-    /// thread (no context switch per request). Idle, it blocks on the queue instead, so an
+    /// The loop. While records arrive it wakes on a short tick and takes the chunks that are
+    /// ready, so a busy gateway's requests never have to wake this thread (no context switch
+    /// per request). Idle, it sleeps until a request offers a record to an empty slot, so an
     /// idle gateway's telemetry thread does not wake 50 times a second. When it stops, it
-    /// hands on what is left and closes the sinks' queues, which ends their threads.
+    /// closes the slots, hands on what they held and closes the sinks' queues, which ends
+    /// their threads.
     fn run(mut self) {
-        let mut batch: Vec<Box<Record>> = Vec::with_capacity(self.batch_max);
-        let mut batch_started = Instant::now();
-        let tick = self.flush_every.min(Duration::from_millis(20));
+        // Set before the first look at the slots: a request that finds the thread idle can
+        // always wake it.
+        let _ = self.intake.telemetry_thread.set(std::thread::current());
+        let tick = self.flush_every.min(TICK);
+        let mut ready = Vec::new();
         loop {
-            let stopping = self.stop.load(Ordering::Relaxed);
-            let (mut disconnected, mut received) = (false, false);
-            loop {
-                match self.rx.try_recv() {
-                    Ok(r) => {
-                        received = true;
-                        if batch.is_empty() {
-                            batch_started = Instant::now();
-                        }
-                        batch.push(r);
-                        if batch.len() >= self.batch_max {
-                            self.dispatch(&mut batch);
-                        }
-                    }
-                    Err(TryRecvError::Empty) => break,
-                    Err(TryRecvError::Disconnected) => {
-                        disconnected = true;
-                        break;
-                    }
-                }
-            }
-            // A busy gateway's records are handed on a tick at a time, in one batch: each
-            // batch handed on wakes every sink's thread (two context switches each, on a
-            // core the requests share), and records that wait longer are out of the cache
-            // by the time they come back to the requests.
-            if !batch.is_empty()
-                && (stopping
-                    || batch.len() >= HAND_ON
-                    || batch_started.elapsed() >= self.flush_every)
-            {
-                self.dispatch(&mut batch);
-            }
-            if stopping || disconnected {
+            let stopping = self.stop.load(Ordering::SeqCst);
+            if stopping {
+                self.intake.close(&mut ready);
+                self.dispatch_all(&mut ready);
                 break;
             }
-            if batch.is_empty() && !received {
-                // Idle: wait for the next record instead of ticking (its `try_send` wakes
-                // this thread, once per idle spell), never so long that a stop waits.
-                match self.rx.recv_timeout(IDLE_WAIT) {
-                    Ok(r) => {
-                        batch_started = Instant::now();
-                        batch.push(r);
-                        if batch.len() >= self.batch_max {
-                            self.dispatch(&mut batch);
-                        }
-                    }
-                    Err(RecvTimeoutError::Timeout) => {}
-                    Err(RecvTimeoutError::Disconnected) => break,
-                }
-            } else {
+            let held = self.intake.take(HAND_ON, self.flush_every, &mut ready);
+            let handed = !ready.is_empty();
+            self.dispatch_all(&mut ready);
+            if held || handed {
                 std::thread::sleep(tick);
+                continue;
             }
-        }
-        self.dispatch(&mut batch);
-        // Records offered after the last look (a request that outlived the drain) are lost:
-        // counted, as a full queue's are.
-        let late = self.rx.try_iter().count();
-        if late > 0 {
-            for o in &self.outlets {
-                TELEMETRY_DROPPED.add(&[&o.name], late as f64);
+            // Idle: sleep until a request offers a record to an empty slot (it sees the flag
+            // and wakes this thread), never so long that a stop waits. The flag is set before
+            // the slots are looked at again, so a record offered in between is either seen
+            // here or wakes the thread.
+            self.intake.idle.store(true, Ordering::SeqCst);
+            if !self.intake.holds_any() && !self.stop.load(Ordering::SeqCst) {
+                std::thread::park_timeout(IDLE_WAIT);
             }
+            self.intake.idle.store(false, Ordering::SeqCst);
         }
     }
 
-    /// Hands `records` to every sink that has room for them, as one batch (`records` is left
-    /// empty).
-    fn dispatch(&mut self, records: &mut Vec<Box<Record>>) {
-        if records.is_empty() {
-            return;
+    fn dispatch_all(&mut self, ready: &mut Vec<Chunk>) {
+        for chunk in ready.drain(..) {
+            self.dispatch(chunk);
         }
-        let (owner, views) = self.spares.try_recv().unwrap_or_default();
-        let owner = std::mem::replace(records, owner);
-        let n = owner.len();
-        let clock = Clock::now();
-        let batch = Arc::new(Batch::new(owner, |records| {
-            let mut views = recycle(views);
-            // Records were written by a request's thread a while ago and are seldom still in
-            // this core's cache: asking for the next ones while this one is read overlaps
-            // the misses. A record's text is asked for later than the record itself, which
-            // says where the text is (by then it has arrived, and finding the text does not
-            // wait for it).
-            for r in records.iter().take(2 * PREFETCH) {
-                r.prefetch_record();
-            }
-            for r in records.iter().take(PREFETCH) {
-                r.prefetch_text();
-            }
-            views.extend(records.iter().enumerate().map(|(i, r)| {
-                if let Some(ahead) = records.get(i + 2 * PREFETCH) {
-                    ahead.prefetch_record();
+    }
+
+    /// Makes the views of `chunk` and hands it to every sink that has room for its records,
+    /// as one batch.
+    fn dispatch(&mut self, mut chunk: Chunk) {
+        let n = chunk.len();
+        if n > 0 {
+            chunk.make_views(&Clock::now());
+        }
+        let batch = Arc::new(chunk);
+        if n > 0 {
+            for o in &self.outlets {
+                // Only this thread adds, so the sum cannot pass the capacity in between.
+                if o.pending.load(Ordering::Acquire) + n > self.capacity {
+                    TELEMETRY_DROPPED.add(&[&o.name], n as f64);
+                    continue;
                 }
-                if let Some(ahead) = records.get(i + PREFETCH) {
-                    ahead.prefetch_text();
+                o.pending.fetch_add(n, Ordering::AcqRel);
+                if o.batches.send(batch.clone()).is_err() {
+                    o.pending.fetch_sub(n, Ordering::AcqRel);
+                    TELEMETRY_DROPPED.add(&[&o.name], n as f64);
                 }
-                r.view(&clock)
-            }));
-            views
-        }));
-        for o in &self.outlets {
-            // Only this thread adds, so the sum cannot pass the capacity in between.
-            if o.pending.load(Ordering::Acquire) + n > self.capacity {
-                TELEMETRY_DROPPED.add(&[&o.name], n as f64);
-                continue;
-            }
-            o.pending.fetch_add(n, Ordering::AcqRel);
-            if o.batches.send(batch.clone()).is_err() {
-                o.pending.fetch_sub(n, Ordering::AcqRel);
-                TELEMETRY_DROPPED.add(&[&o.name], n as f64);
             }
         }
         self.returns.give_back(batch);
@@ -852,8 +1088,9 @@ thread_local! {
         const { std::cell::RefCell::new([None, None]) };
 }
 
-/// Most records kept for requests to fill again: what a busy gateway's requests take between
-/// two looks of the telemetry thread (20 ms at 100 000 requests a second), with room to spare.
+/// Most records kept for requests to fill again: what a worker thread at 40 000 requests a
+/// second takes between two looks of the telemetry thread ([`TICK`]); a busier gateway
+/// allocates the rest.
 /// Past it, records are let go, so what a burst leaves held is bounded: 4096 records of about
 /// 300 bytes, plus the text each has room for (at most [`POOLED_TEXT_MAX`], typically a few
 /// hundred bytes).
@@ -866,19 +1103,11 @@ const POOLED_TEXT_MAX: usize = 4096;
 struct Run {
     name: String,
     sink: SinkBox,
-    rx: Receiver<Arc<Batch>>,
+    rx: Receiver<Arc<Chunk>>,
     pending: Arc<AtomicUsize>,
     returns: Arc<Returns>,
     metrics_every: Duration,
     shutdown_flush: Duration,
-}
-
-/// `v` emptied, as a vector of another lifetime in the same allocation (collecting a
-/// vector's own iterator into items of the same size reuses it).
-#[allow(clippy::unnecessary_filter_map)] // `filter` could not change the items' lifetime
-fn recycle<'a>(mut v: Vec<RequestRecord<'_>>) -> Vec<RequestRecord<'a>> {
-    v.clear();
-    v.into_iter().filter_map(|_| None).collect()
 }
 
 impl Run {
@@ -908,9 +1137,9 @@ impl Run {
         }
     }
 
-    fn export(&self, batch: &Batch) {
-        let views = batch.borrow_dependent();
-        if let RResult::RErr(e) = self.sink.export(views.as_slice().into()) {
+    fn export(&self, batch: &Chunk) {
+        let views = batch.views();
+        if let RResult::RErr(e) = self.sink.export(views.into()) {
             TELEMETRY_EXPORT_ERRORS.inc(&[&self.name]);
             tracing::warn!(sink = %self.name, records = views.len(), error = %e.message, "Telemetry sink export failed.");
         }
@@ -957,31 +1186,6 @@ fn export_snapshot(sink: &SinkBox) -> RResult<(), PluginError> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn recycled_views_keep_their_allocation() {
-        let text = String::from("a");
-        let id = HeaderValue::from_static("r");
-        let listener = "http";
-        let r = Record::begin(Arrival {
-            at: Instant::now(),
-            request_id: &id,
-            client_ip: &id,
-            host: None,
-            path: &text,
-            user_agent: None,
-            listener,
-            method: &Method::GET,
-            bytes_in: 0,
-        });
-        let mut views = Vec::with_capacity(512);
-        let clock = Clock::now();
-        views.extend((0..300).map(|_| r.view(&clock)));
-        let (at, capacity) = (views.as_ptr() as usize, views.capacity());
-        let again: Vec<RequestRecord<'static>> = recycle(views);
-        assert!(again.is_empty());
-        assert_eq!((again.as_ptr() as usize, again.capacity()), (at, capacity));
-    }
-
     fn record(path: &str) -> Box<Record> {
         let id = HeaderValue::from_static("r");
         Box::new(Record::begin(Arrival {
@@ -997,21 +1201,21 @@ mod tests {
         }))
     }
 
-    type SinkEnd = (Receiver<Arc<Batch>>, Arc<AtomicUsize>);
-
-    /// A telemetry thread's state with `names` sinks that may each hold `capacity` records,
-    /// the sinks' ends and the pool records come back to.
-    fn dispatch_to(names: &[&str], capacity: usize) -> (Dispatch, Vec<SinkEnd>, Arc<Pool>) {
-        let (d, _queue, sinks, pool) = running_to(names, capacity);
-        (d, sinks, pool)
+    /// A chunk of `records`, as a request thread fills one.
+    fn chunk(records: Vec<Box<Record>>) -> Chunk {
+        let mut c = Chunk::new();
+        for r in records {
+            c.push(r);
+        }
+        c
     }
 
-    /// [`dispatch_to`], and the queue in front of the telemetry thread.
-    fn running_to(
-        names: &[&str],
-        capacity: usize,
-    ) -> (Dispatch, SyncSender<Box<Record>>, Vec<SinkEnd>, Arc<Pool>) {
-        let (queue, rx) = sync_channel(1024);
+    type SinkEnd = (Receiver<Arc<Chunk>>, Arc<AtomicUsize>);
+
+    /// A telemetry thread's state with `names` sinks that may each hold `capacity` records
+    /// (as may each slot of its intake, in chunks of at most 8), the sinks' ends and the pool
+    /// records come back to.
+    fn dispatch_to(names: &[&str], capacity: usize) -> (Dispatch, Vec<SinkEnd>, Arc<Pool>) {
         let mut outlets = Vec::new();
         let mut sinks = Vec::new();
         for name in names {
@@ -1026,22 +1230,19 @@ mod tests {
         }
         let (returns, pool, spares) = Returns::new(8);
         let d = Dispatch {
-            rx,
+            intake: Arc::new(Intake::new(capacity, 8, spares)),
             returns,
-            spares,
             outlets,
             stop: Arc::new(AtomicBool::new(false)),
             capacity,
-            batch_max: 8,
             flush_every: Duration::from_secs(1),
         };
-        (d, queue, sinks, pool)
+        (d, sinks, pool)
     }
 
     /// A sink's thread done with `batch`, as [`Run::run`] is.
-    fn exported(d: &Dispatch, sink: &SinkEnd, batch: Arc<Batch>) {
-        sink.1
-            .fetch_sub(batch.borrow_dependent().len(), Ordering::AcqRel);
+    fn exported(d: &Dispatch, sink: &SinkEnd, batch: Arc<Chunk>) {
+        sink.1.fetch_sub(batch.len(), Ordering::AcqRel);
         d.returns.give_back(batch);
     }
 
@@ -1052,36 +1253,38 @@ mod tests {
             .collect()
     }
 
+    /// The paths of a batch's views.
+    fn batch_paths(batch: &Chunk) -> Vec<&str> {
+        batch.views().iter().map(|v| v.path.as_str()).collect()
+    }
+
+    /// The paths of the records of a chunk taken off a slot, its views made.
+    fn ready_paths(chunk: &mut Chunk) -> Vec<&str> {
+        chunk.make_views(&Clock::now());
+        batch_paths(chunk)
+    }
+
     #[test]
-    fn a_batch_is_viewed_once_shared_by_every_sink_and_its_allocations_come_back() {
+    fn a_batch_is_shared_by_every_sink_and_its_allocations_come_back() {
         let (mut d, sinks, pool) = dispatch_to(&["a", "b"], 4);
-        let mut records = vec![record("/1"), record("/2"), record("/3")];
-        d.dispatch(&mut records);
-        assert!(records.is_empty());
-        let mut got: Vec<Arc<Batch>> = sinks.iter().map(|(rx, _)| rx.try_recv().unwrap()).collect();
+        d.dispatch(chunk(vec![record("/1"), record("/2"), record("/3")]));
+        let mut got: Vec<Arc<Chunk>> = sinks.iter().map(|(rx, _)| rx.try_recv().unwrap()).collect();
         assert!(Arc::ptr_eq(&got[0], &got[1]), "one batch for every sink");
-        let paths_1: Vec<&str> = got[0]
-            .borrow_dependent()
-            .iter()
-            .map(|v| v.path.as_str())
-            .collect();
-        assert_eq!(paths_1, ["/1", "/2", "/3"]);
+        assert_eq!(batch_paths(&got[0]), ["/1", "/2", "/3"]);
         assert!(sinks.iter().all(|(_, p)| p.load(Ordering::Relaxed) == 3));
-        let views_at = got[0].borrow_dependent().as_ptr() as usize;
+        let views_at = got[0].views().as_ptr() as usize;
 
         // Sink a exports its batch; sink b still holds three records, and two more would
         // pass its capacity of four: b loses the batch, a gets it.
         let held_by_b = got.pop().unwrap();
         exported(&d, &sinks[0], got.pop().unwrap());
         assert!(paths(&pool).is_empty(), "b still holds the first batch");
-        d.dispatch(&mut vec![record("/4"), record("/5")]);
+        d.dispatch(chunk(vec![record("/4"), record("/5")]));
         let second = sinks[0].0.try_recv().unwrap();
-        assert_eq!(second.borrow_dependent()[1].path.as_str(), "/5");
+        assert_eq!(batch_paths(&second), ["/4", "/5"]);
         assert!(sinks[1].0.try_recv().is_err(), "no room for it at b");
         assert_eq!(sinks[1].1.load(Ordering::Relaxed), 3);
         assert_eq!(sinks[0].1.load(Ordering::Relaxed), 2);
-        // The first batch was still b's: the second has allocations of its own.
-        assert_ne!(second.borrow_dependent().as_ptr() as usize, views_at);
 
         // The last sink done with a batch gives it back at once.
         exported(&d, &sinks[1], held_by_b);
@@ -1089,35 +1292,145 @@ mod tests {
         // The record given back last is taken first.
         assert_eq!(paths(&pool), ["/5", "/4", "/3", "/2", "/1"]);
         assert!(sinks.iter().all(|(_, p)| p.load(Ordering::Relaxed) == 0));
-        // The next batch is built in the allocations of the first one given back.
-        d.dispatch(&mut vec![record("/6")]);
+        // The next chunk is filled in the allocations of the first one given back.
+        let mut next = d.intake.spare();
+        assert!(next.is_empty());
+        next.push(record("/6"));
+        d.dispatch(next);
         let third = sinks[0].0.try_recv().unwrap();
-        assert_eq!(third.borrow_dependent()[0].path.as_str(), "/6");
-        assert_eq!(third.borrow_dependent().as_ptr() as usize, views_at);
+        assert_eq!(batch_paths(&third), ["/6"]);
+        assert_eq!(third.views().as_ptr() as usize, views_at);
     }
 
     #[test]
     fn a_tick_with_enough_records_hands_them_on_without_waiting_for_the_flush_interval() {
-        let (mut d, queue, sinks, _pool) = running_to(&["a"], 4096);
-        d.batch_max = 4096;
+        let (mut d, sinks, _pool) = dispatch_to(&["a"], 4096);
+        d.intake = Arc::new(Intake::new(4096, 4096, d.intake.spares.clone()));
         d.flush_every = Duration::from_secs(3600);
-        let stop = d.stop.clone();
+        let (stop, intake) = (d.stop.clone(), d.intake.clone());
         for i in 0..HAND_ON - 1 {
-            queue.send(record(&format!("/{i}"))).unwrap();
+            assert!(intake.offer(record(&format!("/{i}"))));
         }
         let thread = std::thread::spawn(move || d.run());
         // Several ticks: fewer records than a tick hands on wait for the flush interval.
         std::thread::sleep(Duration::from_millis(300));
         assert!(sinks[0].0.try_recv().is_err(), "nothing handed on yet");
-        queue.send(record("/last")).unwrap();
+        assert!(intake.offer(record("/last")));
         let batch = sinks[0].0.recv_timeout(Duration::from_secs(30)).unwrap();
-        let views = batch.borrow_dependent();
-        assert_eq!(views.len(), HAND_ON, "one batch of every record");
-        assert_eq!(views[0].path.as_str(), "/0");
-        assert_eq!(views[HAND_ON - 1].path.as_str(), "/last");
-        stop.store(true, Ordering::Relaxed);
-        drop(queue);
+        assert_eq!(batch.len(), HAND_ON, "one batch of every record");
+        assert_eq!(batch.views()[0].path.as_str(), "/0");
+        assert_eq!(batch.views()[HAND_ON - 1].path.as_str(), "/last");
+        stop.store(true, Ordering::SeqCst);
         thread.join().unwrap();
+        // Stopped: the slots are closed, and what is offered now is dropped.
+        assert!(!intake.offer(record("/late")));
+    }
+
+    #[test]
+    fn an_idle_telemetry_thread_wakes_for_the_next_record_and_hands_on_what_is_left_as_it_stops() {
+        let (mut d, sinks, _pool) = dispatch_to(&["a"], 64);
+        d.flush_every = Duration::from_millis(1);
+        let (stop, intake) = (d.stop.clone(), d.intake.clone());
+        let thread = std::thread::spawn(move || d.run());
+        // Idle: the thread sleeps until a record comes, and the record is handed on once it
+        // has waited the flush interval.
+        for path in ["/1", "/2"] {
+            std::thread::sleep(Duration::from_millis(250));
+            assert!(intake.offer(record(path)));
+            let batch = sinks[0].0.recv_timeout(Duration::from_secs(30)).unwrap();
+            assert_eq!(batch_paths(&batch), [path]);
+        }
+        // A record offered just before the stop is handed on as the thread stops.
+        let intake_2 = intake.clone();
+        std::thread::spawn(move || assert!(intake_2.offer(record("/3"))))
+            .join()
+            .unwrap();
+        stop.store(true, Ordering::SeqCst);
+        intake.telemetry_thread.get().unwrap().unpark();
+        thread.join().unwrap();
+        let rest: Vec<String> = sinks[0]
+            .0
+            .try_iter()
+            .flat_map(|b| {
+                batch_paths(&b)
+                    .into_iter()
+                    .map(String::from)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        assert_eq!(rest, ["/3"]);
+    }
+
+    #[test]
+    fn a_slot_holds_at_most_the_queue_capacity_in_chunks_of_batch_max() {
+        let intake = Intake::new(20, 8, crossbeam_channel::bounded(1).1);
+        let offered: Vec<bool> = (0..22)
+            .map(|i| intake.offer(record(&format!("/{i}"))))
+            .collect();
+        // Two full chunks of 8 and 4 in the third: the next one would make 21.
+        assert_eq!(offered.iter().filter(|o| **o).count(), 20);
+        assert!(offered[..20].iter().all(|o| *o) && !offered[20] && !offered[21]);
+        let mut ready = Vec::new();
+        // A tick before the flush interval: the full chunks go, the one being filled stays.
+        assert!(intake.take(HAND_ON, Duration::from_secs(3600), &mut ready));
+        assert_eq!(ready.iter().map(Chunk::len).collect::<Vec<_>>(), [8, 8]);
+        assert_eq!(ready_paths(&mut ready[1])[0], "/8");
+        // Room again.
+        assert!(intake.offer(record("/after")));
+        ready.clear();
+        assert!(!intake.take(HAND_ON, Duration::ZERO, &mut ready));
+        assert_eq!(
+            ready_paths(&mut ready[0]),
+            ["/16", "/17", "/18", "/19", "/after"]
+        );
+    }
+
+    #[test]
+    fn each_thread_offers_to_a_slot_of_its_own_and_an_ended_threads_slot_is_emptied_and_let_go() {
+        let intake = Arc::new(Intake::new(64, 8, crossbeam_channel::bounded(1).1));
+        let other = Arc::new(Intake::new(64, 8, crossbeam_channel::bounded(1).1));
+        assert!(intake.offer(record("/here")));
+        assert!(other.offer(record("/other gateway")));
+        let there = intake.clone();
+        std::thread::spawn(move || assert!(there.offer(record("/there"))))
+            .join()
+            .unwrap();
+        assert_eq!(intake.slots.lock().unwrap().len(), 2);
+        let mut ready = Vec::new();
+        // Not due yet: only the ended thread's slot is emptied, and it is let go.
+        assert!(intake.take(HAND_ON, Duration::from_secs(3600), &mut ready));
+        assert_eq!(ready.len(), 1);
+        assert_eq!(ready_paths(&mut ready[0]), ["/there"]);
+        assert_eq!(intake.slots.lock().unwrap().len(), 1);
+        ready.clear();
+        intake.close(&mut ready);
+        assert_eq!(ready_paths(&mut ready[0]), ["/here"]);
+        // Closed: this gateway drops what is offered; the other one is unaffected.
+        assert!(!intake.offer(record("/late")));
+        assert!(other.offer(record("/other again")));
+        ready.clear();
+        other.close(&mut ready);
+        assert_eq!(
+            ready_paths(&mut ready[0]),
+            ["/other gateway", "/other again"]
+        );
+    }
+
+    #[test]
+    fn a_records_time_is_read_off_a_clock_read_before_or_after_it_arrived() {
+        let at = Instant::now();
+        let clock = Clock {
+            unix_ms: 1_795_478_400_000,
+            at,
+        };
+        assert_eq!(clock.unix_ms_at(at), 1_795_478_400_000);
+        assert_eq!(
+            clock.unix_ms_at(at + Duration::from_millis(7)),
+            1_795_478_400_007
+        );
+        if let Some(before) = at.checked_sub(Duration::from_millis(40)) {
+            assert_eq!(clock.unix_ms_at(before), 1_795_478_399_960);
+        }
     }
 
     #[test]
@@ -1147,7 +1460,7 @@ mod tests {
     #[test]
     fn a_batch_no_sink_had_room_for_comes_back_at_once() {
         let (mut d, sinks, pool) = dispatch_to(&["full"], 1);
-        d.dispatch(&mut vec![record("/1"), record("/2")]);
+        d.dispatch(chunk(vec![record("/1"), record("/2")]));
         assert!(sinks[0].0.try_recv().is_err());
         assert_eq!(paths(&pool), ["/2", "/1"]);
     }
@@ -1155,9 +1468,9 @@ mod tests {
     #[test]
     fn a_batch_a_slow_sink_holds_does_not_keep_later_batches_from_coming_back() {
         let (mut d, sinks, pool) = dispatch_to(&["slow"], 64);
-        d.dispatch(&mut vec![record("/1")]);
+        d.dispatch(chunk(vec![record("/1")]));
         let held = sinks[0].0.try_recv().unwrap();
-        d.dispatch(&mut vec![record("/2")]);
+        d.dispatch(chunk(vec![record("/2")]));
         exported(&d, &sinks[0], sinks[0].0.try_recv().unwrap());
         assert_eq!(
             paths(&pool),
