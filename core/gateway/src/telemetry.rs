@@ -608,40 +608,57 @@ impl Intake {
         true
     }
 
-    /// Takes, into `out`, the chunks that are ready: every full one, and each slot's chunk
-    /// once it holds `hand_on` records or its first has waited `wait`. A slot whose thread
-    /// has ended is emptied and let go. Returns whether any slot still holds records.
-    fn take(&self, hand_on: usize, wait: Duration, out: &mut Vec<Chunk>) -> bool {
-        let mut held = false;
+    /// Takes, into `out`, what the slots hold once any of them is due: a slot with a full
+    /// chunk, with a chunk of `hand_on` records or whose first has waited `wait`, or whose
+    /// thread has ended (its slot is then let go). Every slot's chunk goes in the same look,
+    /// so that no record is handed on a look after a record offered later on another thread.
+    /// Returns whether any slot still holds records, and how many slots gave chunks.
+    fn take(&self, hand_on: usize, wait: Duration, out: &mut Vec<Chunk>) -> (bool, usize) {
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        slots.retain(|slot| {
+        let due = slots.iter().any(|slot| {
             // Only this list holds the slot: its thread has ended.
             let ended = Arc::strong_count(slot) == 1;
+            let f = slot.lock();
+            !f.full.is_empty()
+                || (!f.chunk.is_empty()
+                    && (ended || f.chunk.len() >= hand_on || f.chunk.started.elapsed() >= wait))
+        });
+        let (mut held, mut from) = (false, 0);
+        slots.retain(|slot| {
+            let ended = Arc::strong_count(slot) == 1;
             let mut f = slot.lock();
-            out.append(&mut f.full);
-            if !f.chunk.is_empty()
-                && (ended || f.chunk.len() >= hand_on || f.chunk.started.elapsed() >= wait)
-            {
+            if due && !f.chunk.is_empty() {
                 let next = if ended { Chunk::new() } else { self.spare() };
+                out.append(&mut f.full);
                 out.push(std::mem::replace(&mut f.chunk, next));
+                from += 1;
+            } else if due && !f.full.is_empty() {
+                out.append(&mut f.full);
+                from += 1;
             }
             held |= !f.chunk.is_empty();
-            !ended
+            // A slot is let go once its thread has ended and it is empty.
+            !(ended && f.chunk.is_empty() && f.full.is_empty())
         });
-        held
+        (held, from)
     }
 
     /// Closes every slot (records offered from now on are dropped) and takes what they held.
-    fn close(&self, out: &mut Vec<Chunk>) {
+    /// Returns how many slots gave chunks.
+    fn close(&self, out: &mut Vec<Chunk>) -> usize {
         let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let mut from = 0;
         for slot in slots.iter() {
             let mut f = slot.lock();
             f.closed = true;
+            let before = out.len();
             out.append(&mut f.full);
             if !f.chunk.is_empty() {
                 out.push(std::mem::replace(&mut f.chunk, Chunk::new()));
             }
+            from += usize::from(out.len() > before);
         }
+        from
     }
 
     /// Whether any slot holds a record.
@@ -1010,6 +1027,36 @@ impl Returns {
     }
 }
 
+/// Puts the chunks one look took from several worker threads in one order, the order the
+/// requests' response heads were ready, as the sinks got them when one queue held every
+/// record: batches of at most `batch_max`. Each chunk is in that order already, so the stable
+/// sort only merges them (it reads every record: a gateway with one worker thread, whose
+/// chunks are in order already, never comes here).
+fn in_order(ready: &mut Vec<Chunk>, batch_max: usize, returns: &Returns) {
+    if ready.len() < 2 {
+        return;
+    }
+    let mut records = Vec::with_capacity(ready.iter().map(Chunk::len).sum());
+    let mut started = Instant::now();
+    for mut c in ready.drain(..) {
+        started = started.min(c.started);
+        records.append(&mut c.records);
+        // The emptied chunk's allocations serve the next chunks.
+        let _ = returns.spares.try_send(c);
+    }
+    records.sort_by_key(|r| r.arrived + Duration::from_micros(r.total_us));
+    let mut rest = records;
+    while !rest.is_empty() {
+        let tail = rest.split_off(rest.len().min(batch_max.max(1)));
+        ready.push(Chunk {
+            views: Vec::new(),
+            records: rest,
+            started,
+        });
+        rest = tail;
+    }
+}
+
 impl Dispatch {
     /// The loop. While records arrive it wakes on a short tick and takes the chunks that are
     /// ready, so a busy gateway's requests never have to wake this thread (no context switch
@@ -1026,13 +1073,13 @@ impl Dispatch {
         loop {
             let stopping = self.stop.load(Ordering::SeqCst);
             if stopping {
-                self.intake.close(&mut ready);
-                self.dispatch_all(&mut ready);
+                let from = self.intake.close(&mut ready);
+                self.dispatch_all(&mut ready, from);
                 break;
             }
-            let held = self.intake.take(HAND_ON, self.flush_every, &mut ready);
+            let (held, from) = self.intake.take(HAND_ON, self.flush_every, &mut ready);
             let handed = !ready.is_empty();
-            self.dispatch_all(&mut ready);
+            self.dispatch_all(&mut ready, from);
             if held || handed {
                 std::thread::sleep(tick);
                 continue;
@@ -1049,7 +1096,11 @@ impl Dispatch {
         }
     }
 
-    fn dispatch_all(&mut self, ready: &mut Vec<Chunk>) {
+    /// Hands on the chunks `from` slots gave, in one order when they are several threads'.
+    fn dispatch_all(&mut self, ready: &mut Vec<Chunk>, from: usize) {
+        if from > 1 {
+            in_order(ready, self.intake.batch_max, &self.returns);
+        }
         for chunk in ready.drain(..) {
             self.dispatch(chunk);
         }
@@ -1371,18 +1422,24 @@ mod tests {
         assert_eq!(offered.iter().filter(|o| **o).count(), 20);
         assert!(offered[..20].iter().all(|o| *o) && !offered[20] && !offered[21]);
         let mut ready = Vec::new();
-        // A tick before the flush interval: the full chunks go, the one being filled stays.
-        assert!(intake.take(HAND_ON, Duration::from_secs(3600), &mut ready));
-        assert_eq!(ready.iter().map(Chunk::len).collect::<Vec<_>>(), [8, 8]);
+        // A look before the flush interval: the full chunks are due, and the one being
+        // filled goes with them.
+        assert_eq!(
+            intake.take(HAND_ON, Duration::from_secs(3600), &mut ready),
+            (false, 1)
+        );
+        assert_eq!(ready.iter().map(Chunk::len).collect::<Vec<_>>(), [8, 8, 4]);
         assert_eq!(ready_paths(&mut ready[1])[0], "/8");
-        // Room again.
+        assert_eq!(ready_paths(&mut ready[2]), ["/16", "/17", "/18", "/19"]);
+        // Room again; a chunk that is not due stays.
         assert!(intake.offer(record("/after")));
         ready.clear();
-        assert!(!intake.take(HAND_ON, Duration::ZERO, &mut ready));
         assert_eq!(
-            ready_paths(&mut ready[0]),
-            ["/16", "/17", "/18", "/19", "/after"]
+            intake.take(HAND_ON, Duration::from_secs(3600), &mut ready),
+            (true, 0)
         );
+        assert_eq!(intake.take(HAND_ON, Duration::ZERO, &mut ready), (false, 1));
+        assert_eq!(ready_paths(&mut ready[0]), ["/after"]);
     }
 
     #[test]
@@ -1391,20 +1448,32 @@ mod tests {
         let other = Arc::new(Intake::new(64, 8, crossbeam_channel::bounded(1).1));
         assert!(intake.offer(record("/here")));
         assert!(other.offer(record("/other gateway")));
+        let mut ready = Vec::new();
+        // Nothing due yet.
+        assert_eq!(
+            intake.take(HAND_ON, Duration::from_secs(3600), &mut ready),
+            (true, 0)
+        );
+        assert!(ready.is_empty());
         let there = intake.clone();
         std::thread::spawn(move || assert!(there.offer(record("/there"))))
             .join()
             .unwrap();
         assert_eq!(intake.slots.lock().unwrap().len(), 2);
-        let mut ready = Vec::new();
-        // Not due yet: only the ended thread's slot is emptied, and it is let go.
-        assert!(intake.take(HAND_ON, Duration::from_secs(3600), &mut ready));
-        assert_eq!(ready.len(), 1);
-        assert_eq!(ready_paths(&mut ready[0]), ["/there"]);
+        // The ended thread's slot is due, and every slot's chunk goes in the same look; the
+        // ended thread's slot is let go.
+        assert_eq!(
+            intake.take(HAND_ON, Duration::from_secs(3600), &mut ready),
+            (false, 2)
+        );
+        let mut paths: Vec<Vec<&str>> = ready.iter_mut().map(ready_paths).collect();
+        paths.sort();
+        assert_eq!(paths, [["/here"], ["/there"]]);
         assert_eq!(intake.slots.lock().unwrap().len(), 1);
         ready.clear();
-        intake.close(&mut ready);
-        assert_eq!(ready_paths(&mut ready[0]), ["/here"]);
+        assert!(intake.offer(record("/here again")));
+        assert_eq!(intake.close(&mut ready), 1);
+        assert_eq!(ready_paths(&mut ready[0]), ["/here again"]);
         // Closed: this gateway drops what is offered; the other one is unaffected.
         assert!(!intake.offer(record("/late")));
         assert!(other.offer(record("/other again")));
@@ -1414,6 +1483,29 @@ mod tests {
             ready_paths(&mut ready[0]),
             ["/other gateway", "/other again"]
         );
+    }
+
+    #[test]
+    fn chunks_taken_in_one_look_go_on_in_the_order_the_responses_were_ready() {
+        let (returns, _pool, _spares) = Returns::new(8);
+        let at = Instant::now();
+        let done = |path: &str, total_us: u64| {
+            let mut r = record(path);
+            (r.arrived, r.total_us) = (at, total_us);
+            r
+        };
+        // Two threads' chunks, each in its own order.
+        let mut ready = vec![
+            chunk(vec![done("/a1", 10), done("/a2", 30), done("/a3", 31)]),
+            chunk(vec![done("/b1", 20), done("/b2", 40)]),
+        ];
+        in_order(&mut ready, 3, &returns);
+        let paths: Vec<Vec<&str>> = ready.iter_mut().map(ready_paths).collect();
+        assert_eq!(paths, [vec!["/a1", "/b1", "/a2"], vec!["/a3", "/b2"]]);
+        // One chunk is left as it was.
+        let mut one = vec![chunk(vec![done("/late", 50), done("/early", 1)])];
+        in_order(&mut one, 8, &returns);
+        assert_eq!(ready_paths(&mut one[0]), ["/late", "/early"]);
     }
 
     #[test]
