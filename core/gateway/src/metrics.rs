@@ -380,11 +380,12 @@ pub mod gateway {
             &["plugin", "policy"],
         )
     });
-    /// Records a sink's queue had no room for.
+    /// Records a sink never got: its queue or a worker thread's slot had no room, or the
+    /// gateway was stopping.
     pub static TELEMETRY_DROPPED: LazyLock<Counter> = LazyLock::new(|| {
         Counter::define(
             "outpost_telemetry_dropped_total",
-            "Telemetry records dropped because a sink's queue was full.",
+            "Telemetry records dropped: the sink's queue or a worker thread's slot was full, or the gateway was stopping.",
             &["sink"],
         )
     });

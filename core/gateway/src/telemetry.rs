@@ -1410,6 +1410,44 @@ mod tests {
     }
 
     #[test]
+    fn a_gateway_stopped_before_its_sinks_started_counts_what_was_offered_as_dropped() {
+        const SINK: &str = "never-started";
+        let (d, _sinks, pool) = dispatch_to(&[SINK], 64);
+        let intake = d.intake.clone();
+        // The sink's thread never ran: its done signal is gone, as it is with the thread's
+        // part of `Waiting` when that is let go.
+        let (done_tx, done_rx) = sync_channel(1);
+        drop(done_tx);
+        let telemetry = Telemetry {
+            intake: intake.clone(),
+            pool,
+            sinks: vec![(SINK.into(), std::sync::Mutex::new(done_rx))],
+            stop: d.stop.clone(),
+            shutdown_flush: Duration::ZERO,
+            waiting: std::sync::Mutex::new(Some(Waiting {
+                dispatch: d,
+                runs: Vec::new(),
+            })),
+        };
+        let dropped = || {
+            metrics::global()
+                .value("outpost_telemetry_dropped_total", &[SINK])
+                .unwrap_or(0.0)
+        };
+        for i in 0..3 {
+            telemetry.offer(record(&format!("/{i}")));
+        }
+        assert_eq!(dropped(), 0.0);
+        telemetry.shutdown();
+        assert_eq!(dropped(), 3.0);
+        assert!(!intake.holds_any());
+        // Offered after the stop: dropped and counted at once.
+        telemetry.offer(record("/late"));
+        assert_eq!(dropped(), 4.0);
+        assert!(!intake.holds_any());
+    }
+
+    #[test]
     fn a_slot_holds_at_most_the_queue_capacity_in_chunks_of_batch_max() {
         let intake = Intake::new(20, 8, crossbeam_channel::bounded(1).1);
         let offered: Vec<bool> = (0..22)
