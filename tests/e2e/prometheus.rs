@@ -35,6 +35,15 @@ fn sink(name: &str, config: &str) -> String {
     )
 }
 
+/// The names of a process's threads.
+fn thread_names(pid: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|n| n.trim().to_owned())
+        .collect()
+}
+
 /// Waits for a sink to write the address it bound.
 fn bound_address(file: &Path) -> String {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -270,13 +279,15 @@ async fn metrics_match_the_traffic_and_parse_with_a_real_parser() {
                 main_file.display()
             )
         ),
+        // The same sink on a thread of its own: the numbers must not depend on it.
         sink(
             "tight",
             &format!(
                 "{{ listen = \"127.0.0.1:0\", address_file = \"{}\", path = \"/m\", max_series = 2 }}",
                 tight_file.display()
             )
-        ),
+        )
+        .replace("provider = ", "own_thread = true\nprovider = "),
     );
     let gw = Gateway::start(GatewaySpec {
         manifest: manifest(&sinks),
@@ -286,6 +297,21 @@ async fn metrics_match_the_traffic_and_parse_with_a_real_parser() {
     });
     let main = format!("http://{}/metrics", bound_address(&main_file));
     let tight = format!("http://{}/m", bound_address(&tight_file));
+    // "prom" is called from the telemetry thread (its library says its sinks never block);
+    // "tight" asked for a thread of its own (thread names are cut at 15 bytes).
+    let threads = thread_names(gw.pid());
+    assert!(
+        threads.iter().any(|t| t == "outpost-telemet"),
+        "{threads:?}"
+    );
+    assert!(
+        threads.iter().any(|t| t == "outpost-sink-ti"),
+        "{threads:?}"
+    );
+    assert!(
+        !threads.iter().any(|t| t.starts_with("outpost-sink-pr")),
+        "{threads:?}"
+    );
     // The bound address is logged too.
     gw.wait_for_log(
         &format!("Prometheus sink serving {main} (text format 0.0.4)."),
@@ -609,6 +635,17 @@ fn check_reports_a_bad_listen_address_and_bad_emit_metric_configs() {
     let m = write_check(dir.path(), "{ listen = \"127.0.0.1:0\" }", &good);
     let (ok, out, err) = run_cli(&["check", "--manifest", m.to_str().unwrap()]);
     assert!(ok, "a good configuration passes:\n{out}\n{err}");
+    // The library says its sinks never block; the policy library has no sinks to say it of.
+    let (ok, out, err) = run_cli(&["plugins", "--manifest", m.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("prometheus: sink-prometheus 0.1.0 (api level 2, kinds: sink, sinks never block) sinks: prometheus ["),
+        "{out}"
+    );
+    assert!(
+        out.contains("(api level 2, kinds: policy) policies: "),
+        "{out}"
+    );
 
     let bad = emit_api(json!([
         { "policy": "emit-metric", "config": { "name": "orders-count" } },

@@ -127,6 +127,9 @@ fn plugins(path: &std::path::Path) -> ExitCode {
                     if i.kinds & bit != 0 {
                         kinds.push(kind);
                     }
+                    if bit == 2 && i.kinds & bit != 0 && i.kinds & 16 != 0 {
+                        kinds.push("sinks never block");
+                    }
                     if !names.is_empty() {
                         let names: Vec<&str> = names.iter().map(|n| n.as_str()).collect();
                         provides.push(format!("{plural}: {}", names.join(", ")));

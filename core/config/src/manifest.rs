@@ -352,6 +352,10 @@ pub struct SinkEntry {
     /// The instance's configuration, passed to the plugin as JSON.
     #[serde(default = "empty_object")]
     pub config: serde_json::Value,
+    /// Call the sink from a thread of its own even when its library says its sinks never
+    /// block (they are then called from the telemetry thread).
+    #[serde(default)]
+    pub own_thread: bool,
 }
 
 /// `[backup]`: the store that keeps the configurations this gateway applied, so that it can

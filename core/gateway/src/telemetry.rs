@@ -1,10 +1,11 @@
 //! Telemetry: one record per request. A request adds its record to a bounded chunk its thread
 //! fills (full: dropped and counted, never waited for). The telemetry thread takes the
-//! threads' chunks on its ticks, makes the records' ABI views once a chunk and hands each
-//! chunk, as one batch, to every sink's thread (a sink that has too many records pending
-//! loses the batch, counted); each sink's thread exports its batches and, on a schedule, a
-//! snapshot of every metric. At shutdown every sink gets what is left and a flush, within a
-//! deadline.
+//! threads' chunks on its ticks and makes the records' ABI views once a chunk. It calls the
+//! sinks whose library says they never block itself, a run of views at a time as it makes
+//! them (while the records are in its cache), and hands each chunk, as one batch, to every
+//! other sink's thread (a sink that has too many records pending loses the batch, counted).
+//! Each sink gets its batches and, on a schedule, a snapshot of every metric. At shutdown
+//! every sink gets what is left and a flush, within a deadline.
 
 // Records stay boxed from the request to the batch and back: a record moves between threads
 // and vectors as a pointer, and keeps its allocation for the next request.
@@ -395,6 +396,11 @@ impl std::fmt::Debug for Chunk {
 /// twice as many for the record itself).
 const PREFETCH: usize = 4;
 
+/// Most records the telemetry thread hands at once to a sink it calls itself: their views
+/// (about 25 KB) and what they point to are still in the nearest caches when the sink reads
+/// them, and again when the next sink does.
+const RUN: usize = 64;
+
 impl Chunk {
     fn new() -> Chunk {
         Chunk {
@@ -427,23 +433,36 @@ impl Chunk {
         self.records.push(record);
     }
 
-    /// Makes the records' views, their times read off `clock`.
+    /// Makes the records' views, their times read off `clock`, and hands them to `each` in
+    /// runs of at most [`RUN`] as they are made, while the records and their text are in
+    /// this core's cache. With `keep` the chunk keeps every view (for sinks with threads of
+    /// their own, which read them later); without, only the last run's.
     ///
     /// Records were written by a request's thread a while ago and are seldom still in this
     /// core's cache: asking for the next ones while this one is read overlaps the misses. A
     /// record's text is asked for later than the record itself, which says where the text is
     /// (by then it has arrived, and finding the text does not wait for it).
     #[allow(unsafe_code)]
-    fn make_views(&mut self, clock: &Clock) {
+    fn make_views(
+        &mut self,
+        clock: &Clock,
+        keep: bool,
+        mut each: impl FnMut(&[RequestRecord<'_>]),
+    ) {
         let records = &self.records;
-        self.views.clear();
+        let views = &mut self.views;
+        views.clear();
+        if keep {
+            views.reserve(records.len());
+        }
         for r in records.iter().take(2 * PREFETCH) {
             r.prefetch_record();
         }
         for r in records.iter().take(PREFETCH) {
             r.prefetch_text();
         }
-        self.views.extend(records.iter().enumerate().map(|(i, r)| {
+        let mut run = 0;
+        for (i, r) in records.iter().enumerate() {
             if let Some(ahead) = records.get(i + 2 * PREFETCH) {
                 ahead.prefetch_record();
             }
@@ -456,9 +475,19 @@ impl Chunk {
             // record is only ever moved as a `Box` (which moves the pointer, not the
             // record), nothing changes a record the chunk holds, and the views are cleared
             // (or dropped, first) before any record leaves the chunk
-            // ([`Chunk::take_records`]).
-            unsafe { std::mem::transmute::<RequestRecord<'_>, RequestRecord<'static>>(view) }
-        }));
+            // ([`Chunk::take_records`]). `each` gets them for the length of its call only.
+            views.push(unsafe {
+                std::mem::transmute::<RequestRecord<'_>, RequestRecord<'static>>(view)
+            });
+            if views.len() - run == RUN || i + 1 == records.len() {
+                each(&views[run..]);
+                if keep {
+                    run = views.len();
+                } else {
+                    views.clear();
+                }
+            }
+        }
     }
 
     /// Its records, its views cleared first (the chunk keeps the views' allocation).
@@ -676,6 +705,46 @@ struct Outlet {
     pending: Arc<AtomicUsize>,
 }
 
+/// A sink the telemetry thread calls itself, in runs of records as it makes their views: its
+/// library says its sinks never block, and the manifest did not ask for a thread of its own.
+struct Inline {
+    /// Its place in `[[telemetry.sinks]]`.
+    entry: usize,
+    name: String,
+    sink: SinkBox,
+    /// Signalled once the telemetry thread has flushed it, at shutdown.
+    done: SyncSender<()>,
+    /// Records in the runs that failed during the current chunk, and the first failure's
+    /// message: warned about once a chunk, not once a run.
+    failed: usize,
+    error: Option<String>,
+}
+
+impl Inline {
+    fn export(&mut self, views: &[RequestRecord<'_>]) {
+        if let RResult::RErr(e) = self.sink.export(views.into()) {
+            self.failed += views.len();
+            self.error.get_or_insert_with(|| e.message.into_string());
+        }
+    }
+
+    /// Counts and logs the failures of the chunk just handed on, as one failed export.
+    fn chunk_done(&mut self) {
+        if let Some(error) = self.error.take() {
+            TELEMETRY_EXPORT_ERRORS.inc(&[&self.name]);
+            tracing::warn!(sink = %self.name, records = self.failed, error = %error, "Telemetry sink export failed.");
+            self.failed = 0;
+        }
+    }
+
+    fn export_metrics(&self) {
+        if let RResult::RErr(e) = export_snapshot(&self.sink) {
+            TELEMETRY_EXPORT_ERRORS.inc(&[&self.name]);
+            tracing::warn!(sink = %self.name, error = %e.message, "Telemetry sink metrics export failed.");
+        }
+    }
+}
+
 /// What runs a sink, until [`Telemetry::start`] starts the threads.
 struct Waiting {
     dispatch: Dispatch,
@@ -720,7 +789,10 @@ impl Telemetry {
         let mut problems = Vec::new();
         for (i, e) in settings.sinks.iter().enumerate() {
             match plugins.sink(&e.provider, &e.config) {
-                Ok(sink) => sinks.push((e.name.clone(), sink)),
+                Ok(sink) => {
+                    let inline = !e.own_thread && plugins.sink_never_blocks(&e.provider);
+                    sinks.push((i, e.name.clone(), sink, inline));
+                }
                 Err(why) => problems.push(format!("telemetry.sinks[{i}] '{}': {why}", e.name)),
             }
         }
@@ -735,12 +807,27 @@ impl Telemetry {
         let (returns, pool, spares) = Returns::new(batch_max);
         let intake = Arc::new(Intake::new(settings.queue_capacity, batch_max, spares));
         let (mut outlets, mut runs, mut done) = (Vec::new(), Vec::new(), Vec::new());
-        for (name, sink) in sinks {
+        let mut inline = Vec::new();
+        for (entry, name, sink, called_inline) in sinks {
+            if called_inline {
+                let (done_tx, done_rx) = sync_channel(1);
+                inline.push(Inline {
+                    entry,
+                    name: name.clone(),
+                    sink,
+                    done: done_tx,
+                    failed: 0,
+                    error: None,
+                });
+                done.push((name, std::sync::Mutex::new(done_rx)));
+                continue;
+            }
             let (batches, rx) = channel();
             let pending = Arc::new(AtomicUsize::new(0));
             let (done_tx, done_rx) = sync_channel(1);
             runs.push((
                 Run {
+                    entry,
                     name: name.clone(),
                     sink,
                     rx,
@@ -762,9 +849,12 @@ impl Telemetry {
             intake: intake.clone(),
             returns,
             outlets,
+            inline,
             stop: stop.clone(),
             capacity: settings.queue_capacity,
             flush_every: Duration::from_millis(settings.flush_interval_ms),
+            metrics_every: Duration::from_millis(settings.metrics_interval_ms),
+            shutdown_flush: Duration::from_millis(settings.shutdown_flush_ms),
         };
         Ok(Some(Telemetry {
             intake,
@@ -791,15 +881,20 @@ impl Telemetry {
             return Ok(());
         };
         let mut problems = Vec::new();
-        for (i, (run, _)) in runs.iter().enumerate() {
-            if let RResult::RErr(e) = export_snapshot(&run.sink) {
+        let mut sinks: Vec<_> = runs
+            .iter()
+            .map(|(run, _)| (run.entry, &run.name, &run.sink))
+            .chain(dispatch.inline.iter().map(|s| (s.entry, &s.name, &s.sink)))
+            .collect();
+        sinks.sort_by_key(|s| s.0);
+        for (i, name, sink) in sinks {
+            if let RResult::RErr(e) = export_snapshot(sink) {
                 let why = match e.kind {
                     ErrorKind::PANICKED => "panicked".to_string(),
                     _ => e.message.into_string(),
                 };
                 problems.push(format!(
-                    "telemetry.sinks[{i}] '{}': cannot start: {why}",
-                    run.name
+                    "telemetry.sinks[{i}] '{name}': cannot start: {why}"
                 ));
             }
         }
@@ -907,17 +1002,21 @@ impl Telemetry {
     }
 }
 
-/// The telemetry thread: takes the request threads' chunks off their slots and hands each to
-/// every sink's thread.
+/// The telemetry thread: takes the request threads' chunks off their slots, hands them in
+/// runs to the sinks it calls itself and each whole to every other sink's thread.
 struct Dispatch {
     intake: Arc<Intake>,
     /// Where batches every sink is done with go.
     returns: Arc<Returns>,
     outlets: Vec<Outlet>,
+    /// The sinks this thread calls itself (their metrics and their flush at shutdown too).
+    inline: Vec<Inline>,
     stop: Arc<AtomicBool>,
     /// Most records a sink may have pending.
     capacity: usize,
     flush_every: Duration,
+    metrics_every: Duration,
+    shutdown_flush: Duration,
 }
 
 /// The most records per batch: `batch_max`, and at most a quarter of what a sink may hold (so
@@ -928,7 +1027,7 @@ fn batch_max(settings: &Settings) -> usize {
 }
 
 /// How often a busy gateway's telemetry thread looks at the slots (at most; `flush_interval_ms`
-/// when shorter). Each look that hands on a chunk wakes every sink's thread, and each wake-up
+/// when shorter). Each look that hands on a chunk wakes every sink thread, and each wake-up
 /// costs the core the requests run on two context switches and the caches they refill. In
 /// the bench, a look every 100 ms instead of every 20 ms took 1.0 % (small) and 1.3 % (16 KiB)
 /// less CPU per request with two sinks, medians of 50 paired rounds whose intervals reach just
@@ -1067,6 +1166,7 @@ impl Dispatch {
         let _ = self.intake.telemetry_thread.set(std::thread::current());
         let tick = self.flush_every.min(TICK);
         let mut ready = Vec::new();
+        let mut next_metrics = Instant::now() + self.metrics_every;
         loop {
             let stopping = self.stop.load(Ordering::SeqCst);
             if stopping {
@@ -1077,6 +1177,12 @@ impl Dispatch {
             let (held, from) = self.intake.take(HAND_ON, self.flush_every, &mut ready);
             let handed = !ready.is_empty();
             self.dispatch_all(&mut ready, from);
+            if !self.inline.is_empty() && Instant::now() >= next_metrics {
+                for s in &self.inline {
+                    s.export_metrics();
+                }
+                next_metrics = Instant::now() + self.metrics_every;
+            }
             if held || handed {
                 std::thread::sleep(tick);
                 continue;
@@ -1091,6 +1197,19 @@ impl Dispatch {
             }
             self.intake.idle.store(false, Ordering::SeqCst);
         }
+        // The sinks with threads of their own end theirs (their queues close) while this
+        // one finishes the sinks it calls: a last metrics snapshot and a flush each, within
+        // one deadline.
+        self.outlets.clear();
+        let deadline = Instant::now() + self.shutdown_flush;
+        for s in &self.inline {
+            s.export_metrics();
+            let left = deadline.saturating_duration_since(Instant::now());
+            if let RResult::RErr(e) = s.sink.flush(left.as_millis() as u64) {
+                tracing::warn!(sink = %s.name, error = %e.message, "Telemetry sink flush failed.");
+            }
+            let _ = s.done.send(());
+        }
     }
 
     /// Hands on the chunks `from` slots gave, in one order when they are several threads'.
@@ -1103,12 +1222,21 @@ impl Dispatch {
         }
     }
 
-    /// Makes the views of `chunk` and hands it to every sink that has room for its records,
+    /// Makes the views of `chunk`, handing them in runs to the sinks this thread calls as
+    /// they are made, and hands the chunk to every other sink that has room for its records,
     /// as one batch.
     fn dispatch(&mut self, mut chunk: Chunk) {
         let n = chunk.len();
         if n > 0 {
-            chunk.make_views(&Clock::now());
+            let inline = &mut self.inline;
+            chunk.make_views(&Clock::now(), !self.outlets.is_empty(), |views| {
+                for s in inline.iter_mut() {
+                    s.export(views);
+                }
+            });
+            for s in &mut self.inline {
+                s.chunk_done();
+            }
         }
         let batch = Arc::new(chunk);
         if n > 0 {
@@ -1149,6 +1277,8 @@ const POOLED_TEXT_MAX: usize = 4096;
 
 /// A sink's thread.
 struct Run {
+    /// Its place in `[[telemetry.sinks]]`.
+    entry: usize,
     name: String,
     sink: SinkBox,
     rx: Receiver<Arc<Chunk>>,
@@ -1281,9 +1411,12 @@ mod tests {
             intake: Arc::new(Intake::new(capacity, 8, spares)),
             returns,
             outlets,
+            inline: Vec::new(),
             stop: Arc::new(AtomicBool::new(false)),
             capacity,
             flush_every: Duration::from_secs(1),
+            metrics_every: Duration::from_secs(3600),
+            shutdown_flush: Duration::from_secs(1),
         };
         (d, sinks, pool)
     }
@@ -1308,7 +1441,7 @@ mod tests {
 
     /// The paths of the records of a chunk taken off a slot, its views made.
     fn ready_paths(chunk: &mut Chunk) -> Vec<&str> {
-        chunk.make_views(&Clock::now());
+        chunk.make_views(&Clock::now(), true, |_| {});
         batch_paths(chunk)
     }
 
@@ -1407,6 +1540,145 @@ mod tests {
             })
             .collect();
         assert_eq!(rest, ["/3"]);
+    }
+
+    /// What a sink the telemetry thread calls itself was given.
+    #[derive(Default)]
+    struct Calls {
+        /// The paths of each `export`'s records.
+        exports: Vec<Vec<String>>,
+        metrics: usize,
+        flushed: bool,
+        /// Answer every `export` with an error.
+        fail: bool,
+    }
+
+    #[derive(Clone, Default)]
+    struct Recorder(Arc<std::sync::Mutex<Calls>>);
+
+    impl outpost_plugin_api::TelemetrySink for Recorder {
+        fn export(
+            &self,
+            batch: abi_stable::std_types::RSlice<'_, RequestRecord<'_>>,
+        ) -> RResult<(), PluginError> {
+            let mut c = self.0.lock().unwrap();
+            c.exports
+                .push(batch.iter().map(|r| r.path.as_str().to_owned()).collect());
+            if c.fail {
+                return RResult::RErr(PluginError {
+                    kind: ErrorKind::INTERNAL,
+                    message: "refused".into(),
+                });
+            }
+            RResult::ROk(())
+        }
+
+        fn export_metrics(
+            &self,
+            _batch: abi_stable::std_types::RSlice<'_, MetricSample<'_>>,
+        ) -> RResult<(), PluginError> {
+            self.0.lock().unwrap().metrics += 1;
+            RResult::ROk(())
+        }
+
+        fn flush(&self, _deadline_ms: u64) -> RResult<(), PluginError> {
+            self.0.lock().unwrap().flushed = true;
+            RResult::ROk(())
+        }
+    }
+
+    /// A sink the telemetry thread calls itself, what it was given, and its done signal.
+    fn inline_sink(name: &str) -> (Inline, Recorder, Receiver<()>) {
+        let recorder = Recorder::default();
+        let (done, done_rx) = sync_channel(1);
+        let sink = Inline {
+            entry: 0,
+            name: name.into(),
+            sink: outpost_plugin_api::TelemetrySink_TO::from_value(
+                recorder.clone(),
+                abi_stable::sabi_trait::TD_Opaque,
+            ),
+            done,
+            failed: 0,
+            error: None,
+        };
+        (sink, recorder, done_rx)
+    }
+
+    #[test]
+    fn a_sink_that_never_blocks_gets_runs_of_records_its_metrics_and_its_flush_from_the_telemetry_thread(
+    ) {
+        let (mut d, sinks, _pool) = dispatch_to(&["threaded"], 4096);
+        d.intake = Arc::new(Intake::new(4096, 4096, d.intake.spares.clone()));
+        d.flush_every = Duration::from_millis(1);
+        d.metrics_every = Duration::from_millis(20);
+        let (sink, calls, done) = inline_sink("inline");
+        d.inline.push(sink);
+        let (stop, intake) = (d.stop.clone(), d.intake.clone());
+        let offered: Vec<String> = (0..150).map(|i| format!("/{i}")).collect();
+        for path in &offered {
+            assert!(intake.offer(record(path)));
+        }
+        let thread = std::thread::spawn(move || d.run());
+        // The sink with a thread of its own gets the chunk whole, every view kept.
+        let batch = sinks[0].0.recv_timeout(Duration::from_secs(30)).unwrap();
+        assert_eq!(batch_paths(&batch), offered);
+        // The one the telemetry thread calls got the same records in runs of at most `RUN`.
+        let exports = calls.0.lock().unwrap().exports.clone();
+        assert_eq!(
+            exports.iter().map(Vec::len).collect::<Vec<_>>(),
+            [RUN, RUN, 150 - 2 * RUN]
+        );
+        assert_eq!(exports.concat(), offered);
+        // Its metrics come on their schedule.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while calls.0.lock().unwrap().metrics < 3 {
+            assert!(Instant::now() < deadline, "metrics every 20 ms");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(!calls.0.lock().unwrap().flushed);
+        // At stop: what was offered last, a last snapshot and the flush, then done.
+        assert!(intake.offer(record("/last")));
+        stop.store(true, Ordering::SeqCst);
+        intake.telemetry_thread.get().unwrap().unpark();
+        thread.join().unwrap();
+        done.recv_timeout(Duration::from_secs(30)).unwrap();
+        let c = calls.0.lock().unwrap();
+        assert_eq!(c.exports.last().unwrap(), &["/last"]);
+        assert!(c.flushed);
+    }
+
+    #[test]
+    fn records_only_sinks_the_telemetry_thread_calls_had_come_back_at_once_and_failures_count_once_a_chunk(
+    ) {
+        let (mut d, _none, pool) = dispatch_to(&[], 4096);
+        let (ok, ok_calls, _) = inline_sink("inline-ok");
+        let (failing, failing_calls, _) = inline_sink("inline-failing");
+        failing_calls.0.lock().unwrap().fail = true;
+        d.inline = vec![ok, failing];
+        let errors = || {
+            metrics::global()
+                .value("outpost_telemetry_export_errors_total", &["inline-failing"])
+                .unwrap_or(0.0)
+        };
+        let before = errors();
+        let paths: Vec<String> = (0..2 * RUN + 1).map(|i| format!("/{i}")).collect();
+        d.dispatch(chunk(paths.iter().map(|p| record(p)).collect()));
+        // Both sinks got every run, the failing one too.
+        assert_eq!(ok_calls.0.lock().unwrap().exports.concat(), paths);
+        assert_eq!(failing_calls.0.lock().unwrap().exports.len(), 3);
+        // Three failed runs, one failed export: the chunk's.
+        assert_eq!(errors(), before + 1.0);
+        assert_eq!(
+            metrics::global().value("outpost_telemetry_export_errors_total", &["inline-ok"]),
+            None
+        );
+        // No sink holds the records: they are back for requests to fill (as many as the
+        // pool keeps, the last ones).
+        let mut back = super::tests::paths(&pool);
+        back.reverse();
+        assert!(!back.is_empty());
+        assert_eq!(back, paths[paths.len() - back.len()..]);
     }
 
     #[test]

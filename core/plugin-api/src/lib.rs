@@ -69,6 +69,15 @@ pub mod kinds {
     pub const CACHE: u32 = 4;
     /// Configuration backup stores.
     pub const BACKUP: u32 = 8;
+    /// Not a kind but a promise about the library's telemetry sinks, in the same bits: each
+    /// returns from `export` and `export_metrics` at once. It does no I/O and waits for
+    /// nothing (a lock it shares with threads of its own is held by them only briefly), and
+    /// its work per record is small. The gateway then calls those sinks from its telemetry
+    /// thread, a short run of records at a time while the records are in that thread's
+    /// cache, instead of from a thread per sink; a sink that broke the promise would hold up
+    /// every sink called that way. A constant changes no layout: gateways that do not know
+    /// this bit ignore it and give each sink its own thread.
+    pub const SINKS_NEVER_BLOCK: u32 = 16;
 }
 
 /// What a library says about itself.

@@ -43,7 +43,8 @@
 //! only its request (the gateway answers 500 and counts it); a panicking factory is a
 //! configuration error. Policy hooks run on the request path: keep them free of blocking calls
 //! (ask the host for waiting work instead: see [`Context`]). Sinks and stores are called from
-//! the gateway's background threads and may block. [`testing`] runs any of them in a unit test
+//! the gateway's background threads and may block (a sink that says it never blocks,
+//! [`Sink::NEVER_BLOCKS`], is called from the telemetry thread instead, and must not). [`testing`] runs any of them in a unit test
 //! without a gateway; [`runtime`] (feature `runtime`) gives a cache its own tokio runtime.
 //! [`host`] logs into the gateway, defines and bumps metrics, and reads the clock.
 
@@ -240,6 +241,7 @@ pub mod __private {
         name: &str,
         version: &str,
         [policies, sinks, caches, stores]: [&[&str]; 4],
+        sinks_never_block: bool,
         panic_unwind: bool,
     ) -> PluginInfo {
         let mut kinds = 0;
@@ -252,6 +254,9 @@ pub mod __private {
             if !list.is_empty() {
                 kinds |= bit;
             }
+        }
+        if !sinks.is_empty() && sinks_never_block {
+            kinds |= api::kinds::SINKS_NEVER_BLOCK;
         }
         PluginInfo {
             name: name.into(),
@@ -347,9 +352,17 @@ macro_rules! export_plugin {
             const SINKS: &[&str] = &[$($($sname),*)?];
             const CACHES: &[&str] = &[$($($cname),*)?];
             const STORES: &[&str] = &[$($($bname),*)?];
+            /// Every sink of the library never blocks.
+            const SINKS_NEVER_BLOCK: bool = true $($(&& <$stype as $crate::Sink>::NEVER_BLOCKS)*)?;
 
             extern "C" fn __outpost_info() -> __p::PluginInfo {
-                __p::info($name, $version, [POLICIES, SINKS, CACHES, STORES], cfg!(panic = "unwind"))
+                __p::info(
+                    $name,
+                    $version,
+                    [POLICIES, SINKS, CACHES, STORES],
+                    SINKS_NEVER_BLOCK,
+                    cfg!(panic = "unwind"),
+                )
             }
 
             extern "C" fn __outpost_init(host: __p::HostBox) -> __p::Res<(), $crate::api::PluginError> {

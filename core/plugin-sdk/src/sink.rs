@@ -8,10 +8,21 @@ use crate::{guard, Error};
 
 /// A telemetry sink. The gateway calls it from a dedicated thread, never from a request:
 /// blocking I/O is fine, but a slow sink delays its own next batch (and, once the gateway's
-/// queue is full, makes the gateway drop and count records).
+/// queue is full, makes the gateway drop and count records). A sink that never blocks says
+/// so ([`Sink::NEVER_BLOCKS`]) and is called from the gateway's telemetry thread instead.
 pub trait Sink: Send + Sync + Sized + 'static {
     /// The sink's configuration (the manifest entry's `config`), parsed strictly.
     type Config: serde::de::DeserializeOwned;
+
+    /// Whether [`Sink::export`] and [`Sink::export_metrics`] return at once: no I/O, no
+    /// waiting (a lock shared with the sink's own threads is held by them only briefly), and
+    /// little work per record (delivery, if any, on a thread of the sink's own). When every
+    /// sink of a library says so, the library tells the gateway
+    /// ([`kinds::SINKS_NEVER_BLOCK`](crate::api::kinds::SINKS_NEVER_BLOCK)), and the gateway
+    /// calls these sinks from its telemetry thread, a short run of records at a time while
+    /// they are in that thread's cache, instead of from a thread per sink: cheaper per
+    /// record, but a sink that blocks there holds up every sink called the same way.
+    const NEVER_BLOCKS: bool = false;
 
     /// Builds the sink; an error stops the gateway from starting (or `outpost check` reports it).
     /// `outpost check` calls this too, and nothing else: validate here, and leave what has

@@ -160,6 +160,10 @@ impl Drop for AppInsights {
 
 impl Sink for AppInsights {
     type Config = Config;
+    /// `export` samples and compresses into the batch being built (bounded: past the
+    /// buffer the oldest batches are dropped, counted); the sending thread does every
+    /// exchange and the spool, and holds the batches' lock only to take or put one.
+    const NEVER_BLOCKS: bool = true;
 
     fn new(config: Config) -> Result<Self, String> {
         let settings = config.validate()?;

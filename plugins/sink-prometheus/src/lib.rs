@@ -161,6 +161,9 @@ fn write_address(path: &Path, addr: std::net::SocketAddr) -> std::io::Result<()>
 
 impl Sink for Prometheus {
     type Config = Config;
+    /// `export` aggregates into the sink's own series under a lock a scrape never takes;
+    /// `export_metrics` swaps in a snapshot a scrape holds only to clone a pointer.
+    const NEVER_BLOCKS: bool = true;
 
     fn new(c: Config) -> Result<Self, String> {
         let settings = c.validate()?;

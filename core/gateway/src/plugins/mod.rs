@@ -202,6 +202,13 @@ impl PluginHost {
         self.instance(Kind::Sink, name, config, |m| m.new_sink())
     }
 
+    /// Whether the library providing sink `name` says its sinks never block
+    /// ([`api::kinds::SINKS_NEVER_BLOCK`]).
+    pub fn sink_never_blocks(&self, name: &str) -> bool {
+        self.provider(Kind::Sink, name)
+            .is_ok_and(|lib| lib.info.kinds & api::kinds::SINKS_NEVER_BLOCK != 0)
+    }
+
     /// Creates a cache.
     pub fn cache(&self, name: &str, config: &serde_json::Value) -> Result<CacheBox, String> {
         self.instance(Kind::Cache, name, config, |m| m.new_cache())
