@@ -377,6 +377,19 @@ fi
 # --- measurement ------------------------------------------------------------
 CLK_TCK=$(getconf CLK_TCK)
 
+# other_threads_ns PID: CPU time, in ns, of the process's threads other than its main one
+# (the scheduler's own count, /proc/PID/task/TID/schedstat, not the 10 ms ticks of stat): for
+# Outpost, the telemetry and sink threads, and the threads plugins start.
+other_threads_ns() {
+  local t total=0 ns
+  for t in /proc/"$1"/task/*; do
+    [[ ${t##*/} == "$1" ]] && continue
+    read -r ns _ <"$t/schedstat" 2>/dev/null || continue
+    total=$((total + ns))
+  done
+  echo "$total"
+}
+
 # cpu_ticks PID...: utime+stime summed (fields 14 and 15; comm may contain spaces).
 cpu_ticks() {
   local pid total=0 stat rest f
@@ -425,9 +438,12 @@ measure_proxy() {
     perf record -q -F 1999 -g -p "${PID[$name]}" -o "$TMP/perf-$name-${3//\//_}.data" 2>/dev/null &
     perf_pid=$!
   fi
+  local o0= o1=
+  [[ $name != nginx ]] && o0=$(other_threads_ns "${PID[$name]}")
   c0=$(cpu_ticks "${pids[@]}"); t0=$(date +%s.%N)
   "${WRK[@]}" -d"$DURATION" "$url" >"$out"
   c1=$(cpu_ticks "${pids[@]}"); t1=$(date +%s.%N)
+  [[ $name != nginx ]] && o1=$(other_threads_ns "${PID[$name]}")
   if [[ -n $stat_pid ]]; then
     kill -INT "$stat_pid"; wait "$stat_pid" || true
     awk -F, -v n="$(awk '/ requests in / { print $1 }' "$out")" -v who="$name $3" '
@@ -451,7 +467,10 @@ measure_proxy() {
   cpu_us=$(awk -v d=$((c1 - c0)) -v hz="$CLK_TCK" -v n="$requests" 'BEGIN { printf "%.3f", d / hz * 1e6 / n }')
   CPU_US[$key]+="$cpu_us "
   # Every measured run, unrounded, for the paired comparisons of the report (and for reanalysis).
-  printf '%s\t%s\t%s\t%s\t%s\n' "$name" "${3#/bench/}" "$round" "$cpu_us" "$requests" >>"$TMP/rounds.tsv"
+  # The sixth column: the other threads' ns per request (empty for nginx).
+  local other=
+  [[ -n $o0 ]] && other=$(awk -v d=$((o1 - o0)) -v n="$requests" 'BEGIN { printf "%.1f", d / n }')
+  printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "${3#/bench/}" "$round" "$cpu_us" "$requests" "$other" >>"$TMP/rounds.tsv"
   CPU_PCT[$key]+="$(awk -v d=$((c1 - c0)) -v hz="$CLK_TCK" -v t0="$t0" -v t1="$t1" 'BEGIN { printf "%.0f", d / hz / (t1 - t0) * 100 }') "
   # Both lines are printed only when non-zero.
   local errors
@@ -560,10 +579,13 @@ paired() {
   python3 - "$TMP/rounds.tsv" "${VARIANTS[@]}" <<'PY'
 import random, statistics, sys
 path, variants = sys.argv[1], sys.argv[2:]
-cpu = {}
+cpu, other = {}, {}
 for line in open(path):
-    name, size, rnd, us, _ = line.rstrip("\n").split("\t")
-    cpu.setdefault((name, size), {})[int(rnd)] = float(us)
+    f = line.rstrip("\n").split("\t")
+    name, size, rnd, us = f[0], f[1], int(f[2]), float(f[3])
+    cpu.setdefault((name, size), {})[rnd] = us
+    if len(f) > 5 and f[5]:
+        other.setdefault((name, size), {})[rnd] = float(f[5])
 pairs = [(t, "outpost-b" if t.startswith("outpost-b-") else "outpost")
          for t in variants if t.endswith("-telemetry")]
 pairs = [(t, b) for t, b in pairs if b in variants]
@@ -590,6 +612,41 @@ for tele, base in pairs:
                    else "cannot tell from %d rounds" % len(r))
         print(f"| {tele} | {size} | {len(r)} | {med:+.1f} % | {lo:+.1f} … {hi:+.1f} % | "
               f"{statistics.mean(r):+.1f} % | {sd:.1f} | {verdict} |")
+
+def interval(r):
+    rng = random.Random(20261125)
+    boot = sorted(statistics.median(rng.choices(r, k=len(r))) for _ in range(4000))
+    return statistics.median(r), boot[int(0.025 * len(boot))], boot[int(0.975 * len(boot)) - 1]
+
+if other:
+    print("\n### CPU of the threads besides the main one, ns per request\n")
+    print("The telemetry and sink threads (and any a plugin starts), from the scheduler's count "
+          "per thread: what the sinks cost directly, without what their work costs the request "
+          "thread (caches, wake-ups). Median of the rounds, bootstrap 95 % interval.\n")
+    print("| variant | size | rounds | median ns/req | 95 % interval |")
+    print("|---|---|---:|---:|---|")
+    for name in variants:
+        for size in ("small", "16k"):
+            r = list(other.get((name, size), {}).values())
+            if r:
+                med, lo, hi = interval(r)
+                print(f"| {name} | {size} | {len(r)} | {med:.0f} | {lo:.0f} … {hi:.0f} |")
+
+# Build B against build A, two-sink variant against two-sink variant, round by round.
+if "outpost-b-telemetry" in variants and "outpost-telemetry" in variants:
+    print("\n### Build B over build A, both sinks, CPU per request\n")
+    print("| size | rounds | median | 95 % interval | other threads, median difference ns/req |")
+    print("|---|---:|---:|---|---:|")
+    for size in ("small", "16k"):
+        a, b = cpu.get(("outpost-telemetry", size), {}), cpu.get(("outpost-b-telemetry", size), {})
+        r = [(b[k] / a[k] - 1) * 100 for k in sorted(a) if k in b and a[k] > 0]
+        if not r:
+            continue
+        med, lo, hi = interval(r)
+        oa, ob = other.get(("outpost-telemetry", size), {}), other.get(("outpost-b-telemetry", size), {})
+        d = [ob[k] - oa[k] for k in sorted(oa) if k in ob]
+        dd = f"{statistics.median(d):+.0f}" if d else "—"
+        print(f"| {size} | {len(r)} | {med:+.1f} % | {lo:+.1f} … {hi:+.1f} % | {dd} |")
 PY
 }
 
