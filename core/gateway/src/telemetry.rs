@@ -738,10 +738,7 @@ impl Inline {
     }
 
     fn export_metrics(&self) {
-        if let RResult::RErr(e) = export_snapshot(&self.sink) {
-            TELEMETRY_EXPORT_ERRORS.inc(&[&self.name]);
-            tracing::warn!(sink = %self.name, error = %e.message, "Telemetry sink metrics export failed.");
-        }
+        export_metrics(&self.name, &self.sink);
     }
 }
 
@@ -1325,10 +1322,15 @@ impl Run {
     }
 
     fn export_metrics(&self) {
-        if let RResult::RErr(e) = export_snapshot(&self.sink) {
-            TELEMETRY_EXPORT_ERRORS.inc(&[&self.name]);
-            tracing::warn!(sink = %self.name, error = %e.message, "Telemetry sink metrics export failed.");
-        }
+        export_metrics(&self.name, &self.sink);
+    }
+}
+
+/// Hands a sink a snapshot of every metric; a failure is counted and logged.
+fn export_metrics(name: &str, sink: &SinkBox) {
+    if let RResult::RErr(e) = export_snapshot(sink) {
+        TELEMETRY_EXPORT_ERRORS.inc(&[name]);
+        tracing::warn!(sink = %name, error = %e.message, "Telemetry sink metrics export failed.");
     }
 }
 
